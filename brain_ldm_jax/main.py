@@ -1,0 +1,96 @@
+r"""Entry point: `python -m brain_ldm_jax.main --config=configs/ldm.py --workdir=DIR`.
+
+The config file picks the job (`config.job`); presets come through the config string
+(`configs/ldm.py:paper`) and any field can be overridden (`--config.train_ae.num_steps=10`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from brain_ldm_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Job config file, optionally with a preset: configs/ldm.py[:demo|:paper|:test]. "
+    "Fields are overridden with --config.SECTION.FIELD=VALUE.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs, the synthetic cohort and outputs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for multi-host runs (jax.distributed.initialize); "
+    "omit on one host or where JAX detects the cluster itself.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+# job name -> "module:function(config, workdir)". A job is listed here once it exists.
+JOBS = {
+    "cohort": "brain_ldm_jax.data.synthetic:run_cohort_job",
+    "ldm": "brain_ldm_jax.train.pipeline:run_ldm_job",
+    "generate": "brain_ldm_jax.generate:run_generate_job",
+    "evaluate": "brain_ldm_jax.evaluate:run_evaluate_job",
+    "reader_study": "brain_ldm_jax.reader_study:run_reader_study_job",
+}
+
+
+class UsageError(UserError):
+  """A mistake in how the job was called."""
+
+
+def resolve_job(name: str):
+  """The function that runs job `name`, or a UsageError saying what exists."""
+  if name not in JOBS:
+    raise UsageError(f"config.job={name!r} is not a job; jobs: {', '.join(sorted(JOBS))}")
+  module_name, function_name = JOBS[name].split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and module_name.startswith(e.name):
+      raise UsageError(f"the {name!r} job is not implemented yet in this version") from e
+    raise
+  return getattr(module, function_name)
+
+
+def _maybe_initialize_distributed() -> None:
+  if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
+    return
+  import jax
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value,
+                             process_id=_PROCESS_ID.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/ldm.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: where checkpoints and outputs go")
+  config = _CONFIG.value
+  try:
+    job = resolve_job(config.job)
+    _maybe_initialize_distributed()
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    job(config, _WORKDIR.value)
+  except UserError as e:
+    # A user's mistake gets its message, not a traceback into our code.
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

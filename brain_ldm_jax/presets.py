@@ -1,0 +1,180 @@
+"""Named configurations: `paper` (the published model), `demo` (a CPU in minutes), `test` (tiny).
+
+Every job config in `configs/` starts from `base_config(preset)` so that all jobs agree on the data,
+the networks and the diffusion process of a run. Network sections use MONAI's argument names, so a
+section maps one-to-one onto the MONAI constructor and onto our Flax module.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("demo", "paper", "test")
+COVARIATES = ("age", "sex", "ventricular_volume", "brain_volume")
+
+
+def _data(preset: str) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  # Empty data_dir: the job makes (or reuses) the synthetic cohort in <workdir>/cohort.
+  d.data_dir = ""
+  d.participants_tsv = ""  # default: <data_dir>/participants.tsv
+  d.image_column = ""  # optional column with image paths; default: BIDS sub-*/anat/*_T1w.nii*
+  d.covariates = COVARIATES
+  d.shape = {"paper": (160, 224, 160), "demo": (40, 56, 40), "test": (32, 32, 32)}[preset]
+  d.spacing = {"paper": 1.0, "demo": 4.0, "test": 4.0}[preset]
+  d.clip_percentiles = (0.5, 99.5)
+  d.val_fraction = 0.1
+  d.split_seed = 0
+  d.num_workers = {"paper": 8, "demo": 0, "test": 0}[preset]
+  d.skip_bad_subjects = False
+  # The synthetic cohort made when data_dir is empty.
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.num_subjects = {"paper": 512, "demo": 96, "test": 12}[preset]
+  d.synthetic.seed = 0
+  d.synthetic.spacing = d.spacing
+  return d
+
+
+def _autoencoder(preset: str) -> ml_collections.ConfigDict:
+  a = ml_collections.ConfigDict()
+  a.spatial_dims = 3
+  a.in_channels = 1
+  a.out_channels = 1
+  a.channels = {"paper": (64, 128, 128, 128), "demo": (16, 32), "test": (8, 16)}[preset]
+  a.num_res_blocks = {"paper": 2, "demo": 1, "test": 1}[preset]
+  a.attention_levels = {"paper": (False,) * 4, "demo": (False,) * 2, "test": (False,) * 2}[preset]
+  a.latent_channels = 3
+  a.norm_num_groups = {"paper": 32, "demo": 8, "test": 4}[preset]
+  a.norm_eps = 1e-6
+  a.with_encoder_nonlocal_attn = False
+  a.with_decoder_nonlocal_attn = False
+  a.remat = preset == "paper"
+  a.dtype = "float32"  # compute dtype; params stay float32 ("bfloat16" on accelerators)
+  return a
+
+
+def _discriminator(preset: str) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.spatial_dims = 3
+  d.in_channels = 1
+  d.out_channels = 1
+  d.num_layers_d = {"paper": 3, "demo": 2, "test": 2}[preset]
+  d.channels = {"paper": 32, "demo": 16, "test": 8}[preset]
+  return d
+
+
+def _unet(preset: str) -> ml_collections.ConfigDict:
+  u = ml_collections.ConfigDict()
+  u.spatial_dims = 3
+  u.in_channels = 3 + len(COVARIATES)  # latent + covariates broadcast as channels
+  u.out_channels = 3
+  u.channels = {"paper": (256, 512, 768), "demo": (32, 64, 64), "test": (8, 16, 16)}[preset]
+  u.num_res_blocks = {"paper": 2, "demo": 1, "test": 1}[preset]
+  u.attention_levels = (False, True, True)
+  u.num_head_channels = {"paper": (0, 512, 768), "demo": (0, 32, 32), "test": (0, 8, 8)}[preset]
+  u.norm_num_groups = {"paper": 32, "demo": 8, "test": 4}[preset]
+  u.norm_eps = 1e-6
+  u.resblock_updown = True
+  u.with_conditioning = True
+  u.transformer_num_layers = 1
+  u.cross_attention_dim = len(COVARIATES)
+  u.num_class_embeds = ml_collections.FieldReference(None, field_type=int)
+  u.upcast_attention = True
+  u.remat = preset == "paper"
+  u.dtype = "float32"
+  return u
+
+
+def _diffusion() -> ml_collections.ConfigDict:
+  f = ml_collections.ConfigDict()
+  f.num_train_timesteps = 1000
+  f.schedule = "scaled_linear_beta"
+  f.beta_start = 0.0015
+  f.beta_end = 0.0205
+  f.prediction_type = "epsilon"
+  f.clip_sample = False
+  return f
+
+
+def _sampling(preset: str) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.sampler = "ddim"  # ddpm | ddim | dpmpp_2m
+  s.num_steps = {"paper": 50, "demo": 50, "test": 5}[preset]
+  s.eta = 0.0
+  s.timestep_spacing = "leading"  # as MONAI GenerativeModels, which made the paper's model
+  s.guidance_scale = 1.0  # 1.0: no classifier-free guidance, one network call per step
+  s.num_samples = {"paper": 4, "demo": 4, "test": 2}[preset]
+  s.seed = 0
+  return s
+
+
+def _train_ae(preset: str) -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.batch_size = {"paper": 8, "demo": 4, "test": 2}[preset]  # global
+  t.num_steps = {"paper": 200_000, "demo": 1500, "test": 4}[preset]
+  t.learning_rate = 1e-4
+  t.disc_learning_rate = 1e-4
+  t.kl_weight = 1e-6
+  t.adv_weight = {"paper": 1e-2, "demo": 1e-2, "test": 1e-2}[preset]
+  t.adv_start_step = {"paper": 10_000, "demo": 750, "test": 2}[preset]
+  t.perceptual_weight = 1e-3
+  t.perceptual_weights_path = ""  # pretrained feature network; empty: no perceptual loss
+  t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
+  t.image_every = {"paper": 5000, "demo": 500, "test": 4}[preset]
+  t.checkpoint_every = {"paper": 5000, "demo": 500, "test": 2}[preset]
+  t.keep_checkpoints = 3
+  return t
+
+
+def _train_ldm(preset: str) -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.batch_size = {"paper": 32, "demo": 8, "test": 2}[preset]
+  t.num_steps = {"paper": 200_000, "demo": 3000, "test": 4}[preset]
+  t.learning_rate = {"paper": 2.5e-5, "demo": 2e-4, "test": 1e-3}[preset]
+  t.weight_decay = 0.0
+  t.ema_decay = {"paper": 0.9999, "demo": 0.999, "test": 0.9}[preset]
+  t.cond_drop_prob = 0.0  # > 0 trains for classifier-free guidance
+  t.latent = "mean"  # mean | sample of the frozen encoder's posterior
+  t.scale_factor = "std"  # "std": 1/std of training latents (MONAI tutorial); or a number, e.g. "1.0"
+  t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
+  t.image_every = {"paper": 5000, "demo": 1000, "test": 4}[preset]
+  t.checkpoint_every = {"paper": 5000, "demo": 500, "test": 2}[preset]
+  t.keep_checkpoints = 3
+  return t
+
+
+def _mesh() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.data = -1  # -1: every device not used by the other axes
+  m.fsdp = 1
+  # Parameters with at least this many elements are sharded over `fsdp`.
+  m.fsdp_min_size = 2**18
+  return m
+
+
+def base_config(preset: str | None) -> ml_collections.ConfigDict:
+  """The run configuration shared by every job; `preset` is one of PRESETS (or None: demo)."""
+  preset = parse_preset(preset)
+  c = ml_collections.ConfigDict()
+  c.job = "ldm"
+  c.preset = preset
+  c.seed = 0
+  c.data = _data(preset)
+  c.autoencoder = _autoencoder(preset)
+  c.discriminator = _discriminator(preset)
+  c.unet = _unet(preset)
+  c.diffusion = _diffusion()
+  c.sampling = _sampling(preset)
+  c.train_ae = _train_ae(preset)
+  c.train_ldm = _train_ldm(preset)
+  c.mesh = _mesh()
+  return c
+
+
+def parse_preset(arg: str | None, default: str = "demo") -> str:
+  """The preset named in a config string's argument (`configs/ldm.py:paper` -> "paper")."""
+  preset = (arg or default).strip()
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} "
+                     "(e.g. --config=configs/ldm.py:paper)")
+  return preset
