@@ -101,7 +101,9 @@ def _sampling(preset: str) -> ml_collections.ConfigDict:
   s.sampler = "ddim"  # ddpm | ddim | dpmpp_2m
   s.num_steps = {"paper": 50, "demo": 50, "test": 5}[preset]
   s.eta = 0.0
-  s.timestep_spacing = "leading"  # as MONAI GenerativeModels, which made the paper's model
+  # "": each sampler's own default: leading for DDIM (MONAI GenerativeModels, which made the
+  # paper's model), linspace for DDPM, quadratic for DPM-Solver++.
+  s.timestep_spacing = ""
   s.guidance_scale = 1.0  # 1.0: no classifier-free guidance, one network call per step
   s.num_samples = {"paper": 4, "demo": 4, "test": 2}[preset]
   s.seed = 0
@@ -159,6 +161,8 @@ def base_config(preset: str | None) -> ml_collections.ConfigDict:
   c.job = "ldm"
   c.preset = preset
   c.seed = 0
+  # What the `ldm` job runs, in order; e.g. ("autoencoder",) trains only the first stage.
+  c.stages = ("autoencoder", "ldm", "samples")
   c.data = _data(preset)
   c.autoencoder = _autoencoder(preset)
   c.discriminator = _discriminator(preset)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brain_ldm_jax.diffusion.losses import check_prediction_type
+from brain_ldm_jax.errors import ConfigError
 from brain_ldm_jax.diffusion.schedules import Schedule, log_snr, torch_linspace
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
@@ -80,7 +81,7 @@ def ddim_timesteps(
   """
   t, n = num_train_timesteps, num_inference_steps
   if not 1 <= n <= t:
-    raise ValueError(f"sampling.num_steps must be in [1, {t}] (diffusion.num_train_timesteps), "
+    raise ConfigError(f"sampling.num_steps must be in [1, {t}] (diffusion.num_train_timesteps), "
                      f"got {n}.")
   if not 0 <= steps_offset < t:
     raise ValueError(f"steps_offset must be in [0, {t}), got {steps_offset}.")
@@ -97,7 +98,7 @@ def ddim_timesteps(
       ts[j] = max(ts[j], ts[j + 1] + 1)
     ts = ts + steps_offset
   else:
-    raise ValueError(f"sampling.timestep_spacing must be one of {TIMESTEP_SPACINGS}, got "
+    raise ConfigError(f"sampling.timestep_spacing must be one of {TIMESTEP_SPACINGS}, got "
                      f"{spacing!r}.")
   if ts[0] > t - 1 or ts[-1] < 0 or np.any(np.diff(ts) >= 0):
     raise ValueError(f"{n} steps with spacing {spacing!r} and steps_offset {steps_offset} give "
@@ -264,7 +265,7 @@ def ddim_sample(
   """
   check_prediction_type(prediction_type)
   if not 0.0 <= eta <= 1.0:
-    raise ValueError(f"sampling.eta must be in [0, 1], got {eta}.")
+    raise ConfigError(f"sampling.eta must be in [0, 1], got {eta}.")
   ts = ddim_timesteps(schedule.num_train_timesteps, num_steps, timestep_spacing, steps_offset)
   x = _prepare(x_T, keys, eta > 0, "ddim with eta > 0")
   final = _final_alpha_cumprod(schedule, set_alpha_to_one)
@@ -383,7 +384,7 @@ def sample(
 ) -> jnp.ndarray:
   """Runs `sampler` ("ddpm", "ddim" or "dpmpp_2m"); options as in the sampler's own function.
 
-  `timestep_spacing=None` takes the sampler's default: "linspace" for DDPM (MONAI's rule),
+  `timestep_spacing=None` (or "", as configs spell it) takes the sampler's default: "linspace" for DDPM (MONAI's rule),
   "leading" for DDIM (the paper's), "quadratic" for DPM-Solver++.
 
   An option that the chosen sampler does not have must keep its default (e.g. eta for DDPM,
@@ -392,7 +393,7 @@ def sample(
   """
   common = dict(num_steps=num_steps, prediction_type=prediction_type, clip_sample=clip_sample,
                 clip_sample_range=clip_sample_range, steps_offset=steps_offset)
-  if timestep_spacing is not None:
+  if timestep_spacing:
     common["timestep_spacing"] = timestep_spacing
 
   def unsupported(**options):
@@ -412,7 +413,7 @@ def sample(
     unsupported(eta=(eta, 0.0), variance_type=(variance_type, "fixed_small"))
     return dpmpp_2m_sample(denoise_fn, x_T, schedule, set_alpha_to_one=set_alpha_to_one,
                            **common)
-  raise ValueError(f"sampling.sampler must be one of {SAMPLERS}, got {sampler!r}.")
+  raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {sampler!r}.")
 
 
 def sampler_options_from_config(config) -> dict:

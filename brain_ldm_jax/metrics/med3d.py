@@ -128,9 +128,13 @@ class Block(nn.Module):
 
 
 class Med3DResNet(nn.Module):
-  """MedicalNet ResNet trunk; returns globally average-pooled layer4 features (B, 512 * exp)."""
+  """MedicalNet ResNet trunk; globally average-pooled layer4 features (B, 512 * exp).
+
+  With `pool=False` it returns the layer4 feature map itself (for the perceptual loss).
+  """
   depth: int = 10
   impl: str = "auto"
+  pool: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -152,7 +156,7 @@ class Med3DResNet(nn.Module):
         down = bi == 0 and (s != 1 or inplanes != planes * expansion)
         x = Block(kind, planes, s, dil, down, self.impl, name=f"layer{li + 1}_{bi}")(x)
         inplanes = planes * expansion
-    return x.mean(axis=(1, 2, 3))
+    return x.mean(axis=(1, 2, 3)) if self.pool else x
 
 
 # ---------------------------------------------------------------------------------------------

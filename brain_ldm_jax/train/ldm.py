@@ -1,0 +1,147 @@
+"""Stage 2: the latent diffusion model, trained on the frozen autoencoder's latents.
+
+Each step encodes the batch with the frozen encoder (posterior mean or a sample), scales the latent,
+noises it at random timesteps and regresses the UNet's output on the diffusion target (ε in the
+paper), with covariates as extra channels and as a one-token cross-attention context. AdamW, an EMA
+of the UNet weights, and optional condition dropout for classifier-free guidance.
+"""
+
+# No `from __future__ import annotations`: clu reads the metric annotations at runtime.
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+
+from brain_ldm_jax import sharding as sharding_lib
+from brain_ldm_jax.diffusion import guidance
+from brain_ldm_jax.diffusion import losses as diffusion_losses
+from brain_ldm_jax.diffusion import schedules
+from brain_ldm_jax.errors import ConfigError
+from brain_ldm_jax.nn import autoencoder as autoencoder_lib
+from brain_ldm_jax.nn import unet as unet_lib
+from brain_ldm_jax.train import state as state_lib
+
+
+@flax.struct.dataclass
+class LDMState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  key: jax.Array  # raw uint32 key data of the run's LDM key
+
+
+@flax.struct.dataclass
+class LDMMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+
+
+def make_schedule(diffusion_config) -> schedules.Schedule:
+  return schedules.make_schedule(diffusion_config.schedule, diffusion_config.num_train_timesteps,
+                                 diffusion_config.beta_start, diffusion_config.beta_end)
+
+
+def encode_latents(autoencoder, ae_params, images, key, latent_mode: str, scale_factor):
+  """Scaled latents of `images`: the posterior mean, or one sample of it."""
+  mean, logvar = autoencoder.apply({"params": ae_params}, images, method="encode")
+  if latent_mode == "sample":
+    z = autoencoder_lib.sample_latent(mean, logvar, key)
+  elif latent_mode == "mean":
+    z = mean
+  else:
+    raise ConfigError(f"train_ldm.latent={latent_mode!r}: use 'mean' or 'sample'")
+  return z * scale_factor
+
+
+def latent_scale_factor(autoencoder, ae_params, images, setting: str) -> float:
+  """1/std of the latents of `images` ("std", the MONAI tutorial) or a fixed number ("1.0")."""
+  if setting == "std":
+    mean, _ = jax.jit(functools.partial(autoencoder.apply, method="encode"))(
+        {"params": ae_params}, images)
+    return float(1.0 / jnp.std(mean))
+  try:
+    return float(setting)
+  except ValueError:
+    raise ConfigError(f"train_ldm.scale_factor={setting!r}: use 'std' or a number") from None
+
+
+def ldm_loss(params, unet, z0, cond, key, schedule, prediction_type: str):
+  """Diffusion loss of the UNet at random timesteps: MSE to the prediction target."""
+  k_t, k_noise = jax.random.split(key)
+  t = diffusion_losses.sample_timesteps(k_t, z0.shape[0], schedule.betas.shape[0])
+  noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
+  zt = diffusion_losses.q_sample(schedule, z0, t, noise)
+  x, context = unet_lib.hybrid_conditioning(zt, cond)
+  out = unet.apply({"params": params}, x, t, context=context)
+  target = diffusion_losses.training_target(schedule, z0, noise, t, prediction_type)
+  return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+
+
+def ldm_train_step(state: LDMState, batch, ae_params, scale_factor, *, unet, autoencoder, tx,
+                   schedule, prediction_type, latent_mode, ema_decay, cond_drop_prob):
+  """One optimisation step; pure, so it jits with explicit shardings and donated state."""
+  key = state_lib.step_key(state.key, state.step)
+  k_latent, k_drop, k_loss = jax.random.split(key, 3)
+  z0 = encode_latents(autoencoder, ae_params, batch["image"], k_latent, latent_mode, scale_factor)
+  z0 = jax.lax.stop_gradient(z0)
+  cond = batch["cond"]
+  if cond_drop_prob > 0:
+    cond = guidance.drop_conditions(k_drop, cond, cond_drop_prob)
+  loss, grads = jax.value_and_grad(ldm_loss)(state.params, unet, z0, cond, k_loss, schedule,
+                                             prediction_type)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=state_lib.ema_update(state.ema_params, params, ema_decay))
+  return new_state, LDMMetrics.single_from_model_output(loss=loss)
+
+
+def latent_shape(config) -> tuple[int, ...]:
+  """(X, Y, Z, C) of a latent: the image shape over the autoencoder's downsampling."""
+  factor = 2 ** (len(config.autoencoder.channels) - 1)
+  shape = tuple(config.data.shape)
+  if any(s % factor for s in shape):
+    raise ConfigError(f"data.shape={shape} must be divisible by the autoencoder's downsampling "
+                      f"factor {factor} (2 ** (len(autoencoder.channels) - 1))")
+  return tuple(s // factor for s in shape) + (config.autoencoder.latent_channels,)
+
+
+def build(config, mesh, key):
+  """(unet, tx, init, abstract_state, jitted_step, schedule) for `config` on `mesh`."""
+  unet = unet_lib.build_unet(config.unet)
+  autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
+  t = config.train_ldm
+  tx = state_lib.adam(t.learning_rate, t.weight_decay)
+  schedule = make_schedule(config.diffusion)
+  zshape = latent_shape(config)
+  n_cov = len(config.data.covariates)
+
+  def init_fn():
+    z = jnp.zeros((1,) + zshape)
+    x, context = unet_lib.hybrid_conditioning(z, jnp.zeros((1, n_cov)))
+    params = unet.init(jax.random.fold_in(key, 0), x, jnp.zeros((1,), jnp.int32),
+                       context=context)["params"]
+    return LDMState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params), key=jax.random.key_data(key))
+
+  init, shardings, abstract = state_lib.init_sharded(init_fn, mesh, config.mesh.fsdp_min_size)
+  step = functools.partial(
+      ldm_train_step, unet=unet, autoencoder=autoencoder, tx=tx, schedule=schedule,
+      prediction_type=config.diffusion.prediction_type, latent_mode=t.latent,
+      ema_decay=t.ema_decay, cond_drop_prob=t.cond_drop_prob)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, None, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return dict(unet=unet, autoencoder=autoencoder, init=init, abstract=abstract, step=jitted,
+              schedule=schedule)
+
+
+def to_numpy(tree):
+  return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,157 @@
+"""The training loop both stages share: resume, step, log, image summaries, checkpoint, stop.
+
+A stage supplies its jitted pure step and its state; the loop owns everything around it:
+  - resume from the latest finished checkpoint (state, data position, RNG), or start fresh;
+  - skip entirely when the stage's final checkpoint exists;
+  - metrics merged on device (clu.metrics), read back only when logged;
+  - a non-finite loss stops the run before anything non-finite is saved;
+  - SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from brain_ldm_jax.errors import UserError
+from brain_ldm_jax.train import checkpoint as checkpoint_lib
+from brain_ldm_jax.train import reporting
+
+
+class TrainingDiverged(UserError):
+  """A non-finite loss; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint at the current step was written."""
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a training stage gives the loop."""
+  name: str
+  directory: str
+  num_steps: int
+  log_every: int
+  checkpoint_every: int
+  image_every: int
+  keep_checkpoints: int
+  init_state: Callable[[], Any]  # -> state, laid out on the mesh
+  abstract_state: Any  # ShapeDtypeStructs with shardings, for restoring
+  # (state, batch, step) -> (state, metrics); `step` (a Python int, the step being taken) lets a
+  # stage switch between compiled variants, e.g. before and after the adversarial warm-up.
+  train_step: Callable[[Any, dict, int], tuple[Any, Any]]
+  meta: dict  # stored with every checkpoint (config, covariate statistics, ...)
+  images: Callable[[Any, dict], dict[str, np.ndarray]] | None = None  # state, batch -> HWC images
+
+
+class _StopFlag:
+  """Set by SIGTERM; polled between steps so a save never races a step."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  @property
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+
+def _check_finite(scalars: dict[str, float], stage: str, step: int, directory: str,
+                  last_saved: int | None) -> None:
+  bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+  if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) in {directory} is intact"
+            if last_saved is not None else "no checkpoint had been written yet")
+    raise TrainingDiverged(
+        f"{stage}: non-finite {', '.join(bad)} at step {step}; stopping. {kept}. "
+        "Lower the learning rate or check the data for extreme values.")
+
+
+def _needs_step_sync() -> bool:
+  # Several CPU devices in one process can deadlock on back-to-back collectives unless each
+  # step finishes first (measured; DESIGN.md §5). Accelerators keep steps in flight.
+  return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
+def run_stage(stage: Stage, batches: Iterator[dict], data_iterator=None,
+              writer=None) -> Any:
+  """Trains `stage` to `num_steps` and returns the final state.
+
+  `batches` yields global (sharded) batches; `data_iterator` is the underlying grain iterator whose
+  position is checkpointed (None: not checkpointed, e.g. when batches are derived from the step).
+  """
+  ckpt = checkpoint_lib.Checkpointer(stage.directory, keep=stage.keep_checkpoints)
+  writer = writer or reporting.make_writer(stage.directory)
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= stage.num_steps:
+      logging.info("%s: finished (checkpoint at step %d), skipping", stage.name, latest)
+      state, _ = ckpt.restore(latest, stage.abstract_state)
+      return state
+    if latest is None:
+      state = stage.init_state()
+      start = 0
+    else:
+      state, _ = ckpt.restore(latest, stage.abstract_state, data_iterator)
+      start = latest
+      logging.info("%s: resumed from step %d", stage.name, latest)
+    state = _train(stage, state, start, batches, data_iterator, ckpt, writer, latest)
+    ckpt.wait()
+    return state
+  finally:
+    writer.flush()
+    ckpt.close()
+
+
+def _train(stage, state, start, batches, data_iterator, ckpt, writer, last_saved):
+  progress = reporting.Progress(stage.name, start, stage.num_steps)
+  metrics = None
+  sync = _needs_step_sync()
+  with _StopFlag() as stop:
+    for step in range(start + 1, stage.num_steps + 1):
+      batch = next(batches)
+      state, step_metrics = stage.train_step(state, batch, step)
+      metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+      if sync:
+        jax.block_until_ready(step_metrics)
+
+      is_last = step == stage.num_steps
+      if step % stage.log_every == 0 or is_last or step == start + 1:
+        scalars = {k: float(v) for k, v in metrics.compute().items()}
+        _check_finite(scalars, stage.name, step, stage.directory, last_saved)
+        writer.write_scalars(step, scalars)
+        progress.report(step, scalars)
+        metrics = None
+      if stage.images is not None and (step % stage.image_every == 0 or is_last):
+        writer.write_images(step, stage.images(state, batch))
+      if step % stage.checkpoint_every == 0 or is_last or stop.is_set:
+        if metrics is not None:  # never save past an unchecked non-finite step
+          scalars = {k: float(v) for k, v in metrics.compute().items()}
+          _check_finite(scalars, stage.name, step, stage.directory, last_saved)
+        ckpt.save(step, state, stage.meta, data_iterator)
+        last_saved = step
+      if stop.is_set:
+        ckpt.wait()
+        writer.flush()
+        logging.warning("%s: SIGTERM at step %d; checkpoint saved. Rerun the same command to "
+                        "resume.", stage.name, step)
+        raise Preempted(f"{stage.name} preempted at step {step}")
+  return state

@@ -1,0 +1,167 @@
+"""The `ldm` job: cohort -> autoencoder -> latent diffusion -> a few samples (NIfTI + PNG).
+
+Each stage resumes from its latest checkpoint and is skipped when finished, so rerunning the same
+command after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from brain_ldm_jax import api
+from brain_ldm_jax import figures
+from brain_ldm_jax import sharding as sharding_lib
+from brain_ldm_jax.data import manifest
+from brain_ldm_jax.data import nifti
+from brain_ldm_jax.data import pipeline as data_pipeline
+from brain_ldm_jax.data import synthetic
+from brain_ldm_jax.errors import ConfigError
+from brain_ldm_jax.train import autoencoder as ae_stage
+from brain_ldm_jax.train import checkpoint as checkpoint_lib
+from brain_ldm_jax.train import ldm as ldm_stage
+from brain_ldm_jax.train import loop
+
+SAMPLES_DIR = "samples"
+
+
+def prepare_data(config, workdir: str):
+  """(train subjects, validation subjects, covariate statistics), the cohort made if needed."""
+  if not config.data.data_dir:
+    data_dir = synthetic.ensure_cohort(config, workdir)
+    with config.unlocked():
+      config.data.data_dir = data_dir
+  subjects = manifest.load_cohort(config.data)
+  train, val = manifest.split_subjects(subjects, config.data.val_fraction, config.data.split_seed)
+  stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
+  logging.info("cohort %s: %d training and %d validation subjects", config.data.data_dir,
+               len(train), len(val))
+  return train, val, stats
+
+
+def _montage_images(volumes: np.ndarray, name: str) -> dict[str, np.ndarray]:
+  return {name: figures.montage_array(list(volumes), window=(0.0, 1.0))}
+
+
+def train_autoencoder(config, workdir, mesh, train, stats, meta):
+  t = config.train_ae
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  perceptual_fn = None
+  if t.perceptual_weights_path:
+    from brain_ldm_jax.train import perceptual
+    perceptual_fn = perceptual.make_perceptual_loss(t.perceptual_weights_path)
+    logging.info("perceptual loss on: MedicalNet features from %s", t.perceptual_weights_path)
+  else:
+    logging.info("perceptual loss off: no pretrained feature weights given "
+                 "(train_ae.perceptual_weights_path)")
+  built = ae_stage.build(config, mesh, key, perceptual_fn)
+  loader = data_pipeline.make_train_loader(train, stats, config.data, t.batch_size,
+                                           seed=config.seed, mesh=mesh)
+  autoencoder = built["autoencoder"]
+  reconstruct = jax.jit(lambda params, images: ae_stage.reconstruct(autoencoder, params, images))
+
+  def images(state, batch):
+    recon = np.asarray(reconstruct(state.params, batch["image"][:2]))[..., 0]
+    real = np.asarray(batch["image"][:2])[..., 0]
+    return _montage_images(np.concatenate([real, recon]), "inputs (left) and reconstructions (right)")
+
+  stage = loop.Stage(name="autoencoder", directory=os.path.join(workdir, api.AE_DIR),
+                     num_steps=t.num_steps, log_every=t.log_every,
+                     checkpoint_every=t.checkpoint_every, image_every=t.image_every,
+                     keep_checkpoints=t.keep_checkpoints, init_state=built["init"],
+                     abstract_state=built["abstract"], train_step=built["step"], meta=meta,
+                     images=images)
+  state = loop.run_stage(stage, loader, data_iterator=loader)
+  return autoencoder, state.params
+
+
+def scale_factor_for(config, workdir, autoencoder, ae_params, train, stats, mesh) -> float:
+  """The run's latent scale factor, computed once from the first training batch and stored."""
+  info = api.read_run_info(workdir)
+  if info.get("scale_factor") is not None:
+    return float(info["scale_factor"])
+  first = next(iter(data_pipeline.make_eval_loader(train, stats, config.data,
+                                                   config.train_ldm.batch_size, mesh=mesh)))
+  factor = ldm_stage.latent_scale_factor(autoencoder, ae_params, first["image"],
+                                         config.train_ldm.scale_factor)
+  logging.info("latent scale factor %.5g (%s)", factor, config.train_ldm.scale_factor)
+  return factor
+
+
+def train_ldm(config, workdir, mesh, train, stats, ae_params, scale_factor, meta):
+  t = config.train_ldm
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  built = ldm_stage.build(config, mesh, key)
+  loader = data_pipeline.make_train_loader(train, stats, config.data, t.batch_size,
+                                           seed=config.seed + 1, mesh=mesh)
+  scale = jax.device_put(np.float32(scale_factor), sharding_lib.replicated(mesh))
+  ae_params = jax.device_put(ae_params, sharding_lib.replicated(mesh))
+
+  def step(state, batch, step_number):
+    del step_number
+    return built["step"](state, batch, ae_params, scale)
+
+  stage = loop.Stage(name="ldm", directory=os.path.join(workdir, api.LDM_DIR),
+                     num_steps=t.num_steps, log_every=t.log_every,
+                     checkpoint_every=t.checkpoint_every, image_every=t.image_every,
+                     keep_checkpoints=t.keep_checkpoints, init_state=built["init"],
+                     abstract_state=built["abstract"], train_step=step, meta=meta)
+  return loop.run_stage(stage, loader, data_iterator=loader)
+
+
+def write_samples(run: api.Run, val, out_dir: str, num_samples: int, seed: int) -> list[str]:
+  """Samples for the first validation subjects' covariates, as NIfTI and one PNG montage."""
+  names = tuple(run.config.data.covariates)
+  cond = np.array([[s.covariates[n] for n in names] for s in val[:num_samples]])
+  sample = api.make_sampler(run)
+  volumes = np.asarray(sample(run.params, jax.random.key(seed), cond))
+  if jax.process_index() != 0:
+    return []
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for i, volume in enumerate(volumes):
+    path = os.path.join(out_dir, f"sample-{i:03d}.nii.gz")
+    nifti.save_volume(path, volume, run.affine)
+    paths.append(path)
+  titles = [", ".join(f"{n}={v:.3g}" for n, v in zip(names, row)) for row in cond]
+  figures.save_montage_png(list(volumes), os.path.join(out_dir, "samples.png"), titles=titles,
+                           window=(0.0, 1.0))
+  logging.info("wrote %d samples and samples.png to %s", len(paths), out_dir)
+  return paths
+
+
+STAGES = ("autoencoder", "ldm", "samples")
+
+
+def run_ldm_job(config, workdir: str) -> None:
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise ConfigError(f"config.stages has unknown {unknown}; stages are {', '.join(STAGES)}")
+  mesh = sharding_lib.make_mesh(config.mesh)
+  train, val, stats = prepare_data(config, workdir)
+  affine = nifti.mni_affine(tuple(config.data.shape), config.data.spacing)
+  run_path = os.path.join(workdir, api.RUN_FILE)
+  if not os.path.exists(run_path):
+    checkpoint_lib.write_json_atomic(run_path, api.run_info(config, stats, None, affine))
+  meta = dict(config=config.to_json_best_effort(), covariate_stats=stats.to_json())
+
+  try:
+    if "autoencoder" in config.stages or "ldm" in config.stages:
+      autoencoder, ae_params = train_autoencoder(config, workdir, mesh, train, stats, meta)
+    if "ldm" in config.stages:
+      scale_factor = scale_factor_for(config, workdir, autoencoder, ae_params, train, stats, mesh)
+      checkpoint_lib.write_json_atomic(run_path,
+                                       api.run_info(config, stats, scale_factor, affine))
+      train_ldm(config, workdir, mesh, train, stats, ae_params, scale_factor,
+                dict(meta, scale_factor=scale_factor))
+  except loop.Preempted as e:
+    logging.warning("%s", e)
+    return
+  if "samples" in config.stages:
+    run = api.load_run(workdir)
+    write_samples(run, val or train, os.path.join(workdir, SAMPLES_DIR),
+                  config.sampling.num_samples, config.sampling.seed)
+  logging.info("done: %s (TensorBoard: tensorboard --logdir %s)", workdir, workdir)

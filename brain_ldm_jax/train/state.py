@@ -1,0 +1,41 @@
+"""Train states laid out on the mesh: eval_shape -> shardings -> jitted init (as big_vision does).
+
+Large parameters and their optimizer moments are split over the mesh's `fsdp` axis by
+`sharding.param_shardings`; optimizer moments have their parameter's shape, so they get the same
+layout. RNG keys are stored as raw uint32 key data, which every checkpoint format understands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from brain_ldm_jax import sharding as sharding_lib
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh, min_size: int) -> tuple[Any, Any, Any]:
+  """(init, shardings, abstract state): `init()` builds the state directly in its layout."""
+  abstract = jax.eval_shape(init_fn)
+  shardings = sharding_lib.param_shardings(abstract, mesh, min_size)
+  init = jax.jit(init_fn, out_shardings=shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return init, shardings, abstract
+
+
+def step_key(key_data: jax.Array, step: jax.Array) -> jax.Array:
+  """The RNG key of one training step: fold_in(run key, step), so resuming draws the same."""
+  return jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+
+
+def adam(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  if weight_decay:
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+  return optax.adam(learning_rate)
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
