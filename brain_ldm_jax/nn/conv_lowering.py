@@ -1,18 +1,51 @@
 """How a convolution becomes XLA operations: the one swappable place for conv lowering.
 
 Every convolution in the networks goes through `conv`. On GPU/TPU the native convolution is the
-fast path (cuDNN / the TPU convolution unit); on CPU, exact rewrites of a 3D convolution can beat
-XLA's native one (see DESIGN.md §5), so `impl="auto"` picks per backend.
+fast path (cuDNN / the TPU convolution unit); on CPU, exact rewrites of a 3D convolution beat
+XLA's native one (see DESIGN.md §5), so `impl="auto"` picks per backend with `choose_impl`.
+
+Lowerings of a 3D convolution (all exact: the same sums in another order):
+  native      lax.conv_general_dilated in 3D.
+  depth_sum   sum over the kd depth taps of 2D convs on shifted depth slices (depth folded into
+              batch). Custom VJP: the input grad is the autodiff of this lowering; the kernel grad is
+              the same, summed over output-depth chunks (XLA:CPU's kernel-grad conv is several times
+              slower when its contraction runs over a whole 40x56x40 volume).
+  depth_fold  the kd depth taps folded into channels: one 2D conv with kd*Cin input channels. Same
+              custom VJP. Best where Cin is small (the first layer, the latent input).
+  im2col      all taps folded into channels: one matmul (out_voxels, k^3*Cin) @ (k^3*Cin, Cout).
+              XLA:CPU's 27-way concatenation is slow, so this pays only for 1^3 kernels (a plain
+              matmul, no concatenation) and for Cin = 1 (the first layer).
+  pointwise   for 1^3 kernels: the native conv forward (XLA:CPU runs a 1^3 conv 1.2-1.6x faster than
+              the equivalent matmul) with im2col's matmul gradients (2-3x faster than the native
+              conv's). Exact for any kernel, but only meant for 1^3.
+2D (or 1D) inputs always use the native convolution.
+
+The rewrites' custom VJP has no forward-mode rule (jax.jvp / jacfwd raise); use impl="native" for
+forward-mode differentiation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 
 import jax
 from jax import lax
+import jax.numpy as jnp
 
-IMPLS = ("auto", "native")
+IMPLS = ("auto", "native", "depth_sum", "depth_fold", "im2col", "pointwise")
+
+# `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512).
+# At small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
+# channels gives them 3x more (fwd+bwd vs native: 7->32 at 20x28x20 10x vs 7x; 16->32 at 40x56x40
+# 4.2x vs 3.0x). From 32 channels on depth_sum wins or ties (32->32 B=2 at 40x56x40: 5.0x vs 3.5x).
+_FOLD_MAX_CIN = 16
+# At Cin = 1 even all 27 taps make only 27 channels: one matmul beats both (fwd+bwd 14x vs 11x).
+_IM2COL_MAX_CIN = 1
+
+# Kernel-gradient chunks hold about this many input floats (rows * Cin): ~1 MiB, Zen 4's L2.
+_DW_CHUNK_FLOATS = 1 << 18
+_DW_CHUNK_MIN_ROWS = 2048
 
 
 def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
@@ -20,7 +53,35 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   """N-d convolution, channels last: x (B, *spatial, Cin), kernel (*k, Cin, Cout)."""
   if impl not in IMPLS:
     raise ValueError(f"conv impl {impl!r} unknown; choose one of {IMPLS}")
-  return _native(x, kernel, strides, padding)
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if impl == "auto":
+    impl = choose_impl(x.shape, kernel.shape, strides, _platform(x))
+  if impl == "native" or x.ndim != 5:
+    return _native(x, kernel, strides, padding)
+  return _LOWERINGS[impl](x, kernel, strides, padding)
+
+
+def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+                platform: str) -> str:
+  """The lowering `auto` uses: a static rule from scripts/benchmark_conv.py measurements."""
+  del strides  # depth_sum won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
+  if platform != "cpu" or len(x_shape) != 5:
+    return "native"
+  if all(k == 1 for k in kernel_shape[:3]):
+    return "pointwise"
+  if kernel_shape[3] <= _IM2COL_MAX_CIN:
+    return "im2col"
+  if kernel_shape[3] <= _FOLD_MAX_CIN:
+    return "depth_fold"
+  return "depth_sum"
+
+
+def _platform(x) -> str:
+  # Under jit x is a tracer with no device; the default backend is where jit will run it.
+  if isinstance(x, jax.core.Tracer) or not hasattr(x, "devices"):
+    return jax.default_backend()
+  return next(iter(x.devices())).platform
 
 
 def _native(x, kernel, strides, padding):
@@ -31,3 +92,126 @@ def _native(x, kernel, strides, padding):
   return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides),
                                   padding=tuple(tuple(p) for p in padding),
                                   dimension_numbers=dn)
+
+
+def _fold_taps(x, axis, k, stride, pad):
+  """Concatenates the k shifted, strided views of x along `axis` into channels (tap-major)."""
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = pad
+  x = jnp.pad(x, pads)
+  n_out = (x.shape[axis] - k) // stride + 1
+  taps = [lax.slice_in_dim(x, t, t + (n_out - 1) * stride + 1, stride, axis=axis)
+          for t in range(k)]
+  return jnp.concatenate(taps, axis=-1) if k > 1 else taps[0]
+
+
+def _conv2d_batched(x5, kernel2d, strides, padding):
+  """A 2D conv over H, W of every depth slice: depth folds into batch."""
+  b, d, h, w, c = x5.shape
+  y = _native(x5.reshape(b * d, h, w, c), kernel2d, strides, padding)
+  return y.reshape(b, d, *y.shape[1:])
+
+
+def _depth_sum(x, kernel, strides, padding):
+  """Sum over depth taps of 2D convs on shifted depth slices."""
+  kd, sd = kernel.shape[0], strides[0]
+  xp = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+  d_out = (xp.shape[1] - kd) // sd + 1
+  out = None
+  for z in range(kd):
+    xz = lax.slice_in_dim(xp, z, z + (d_out - 1) * sd + 1, sd, axis=1)
+    yz = _conv2d_batched(xz, kernel[z], strides[1:], padding[1:])
+    out = yz if out is None else out + yz
+  return out
+
+
+def _depth_fold(x, kernel, strides, padding):
+  """Depth taps folded into channels: one 2D conv with kd*Cin input channels."""
+  kd, kh, kw, cin, cout = kernel.shape
+  xf = _fold_taps(x, 1, kd, strides[0], padding[0])
+  # Folded channels are (depth tap, cin); the kernel's input axis must match.
+  kf = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * cin, cout)
+  return _conv2d_batched(xf, kf, strides[1:], padding[1:])
+
+
+def _im2col(x, kernel, strides, padding):
+  """All taps folded into channels: one GEMM (out_voxels, k^3*Cin) @ (k^3*Cin, Cout)."""
+  xf = x
+  for axis in (1, 2, 3):
+    xf = _fold_taps(xf, axis, kernel.shape[axis - 1], strides[axis - 1], padding[axis - 1])
+  # Folding depth, then height, then width leaves channels ordered (w tap, h tap, d tap, cin).
+  kf = jnp.transpose(kernel, (2, 1, 0, 3, 4)).reshape(-1, kernel.shape[-1])
+  # A rank-2 matmul: its gradients are rank-2 matmuls too, 1.3-2x faster on XLA:CPU than those
+  # of a rank-5 dot_general (and 2-4x faster than the native 1^3 conv's gradients).
+  y = xf.reshape(-1, xf.shape[-1]) @ kf
+  return y.reshape(*xf.shape[:-1], kf.shape[-1])
+
+
+def _depth_chunks(d_out, rows_per_slice, cin):
+  """Balanced [start, stop) ranges of output depth slices for the kernel gradient."""
+  target_rows = max(_DW_CHUNK_MIN_ROWS, _DW_CHUNK_FLOATS // max(cin, 1))
+  n_chunks = min(d_out, max(1, -(-d_out * rows_per_slice // target_rows)))
+  size = -(-d_out // n_chunks)
+  return [(lo, min(lo + size, d_out)) for lo in range(0, d_out, size)]
+
+
+def _chunked_kernel_grad(lowering, x, kernel, ct, strides, padding):
+  """d(conv)/d(kernel) as a sum over output-depth chunks of the lowering's own kernel grad."""
+  kd, sd = kernel.shape[0], strides[0]
+  xp = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+  no_depth_pad = ((0, 0), *padding[1:])
+  dw = None
+  for lo, hi in _depth_chunks(ct.shape[1], ct.shape[0] * ct.shape[2] * ct.shape[3],
+                              x.shape[-1]):
+    # Output slices [lo, hi) read the padded input slices [lo * sd, (hi - 1) * sd + kd).
+    x_slab = lax.slice_in_dim(xp, lo * sd, (hi - 1) * sd + kd, axis=1)
+    _, vjp = jax.vjp(lambda k, x_slab=x_slab: lowering(x_slab, k, strides, no_depth_pad), kernel)
+    (dw_part,) = vjp(lax.slice_in_dim(ct, lo, hi, axis=1))
+    dw = dw_part if dw is None else dw + dw_part
+  return dw
+
+
+def _with_chunked_vjp(lowering):
+  """The lowering with a custom VJP: input grad by autodiff, kernel grad in depth chunks."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def f(x, kernel, strides, padding):
+    return lowering(x, kernel, strides, padding)
+
+  def f_fwd(x, kernel, strides, padding):
+    return lowering(x, kernel, strides, padding), (x, kernel)
+
+  def f_bwd(strides, padding, res, ct):
+    x, kernel = res
+    # The conv is linear in x: this vjp needs no forward values, so XLA drops the recomputation.
+    _, vjp_x = jax.vjp(lambda x: lowering(x, kernel, strides, padding), x)
+    (dx,) = vjp_x(ct)
+    return dx, _chunked_kernel_grad(lowering, x, kernel, ct, strides, padding)
+
+  f.defvjp(f_fwd, f_bwd)
+  return f
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pointwise(x, kernel, strides, padding):
+  return _native(x, kernel, strides, padding)
+
+
+def _pointwise_fwd(x, kernel, strides, padding):
+  return _native(x, kernel, strides, padding), (x, kernel)
+
+
+def _pointwise_bwd(strides, padding, res, ct):
+  # im2col is linear in (x, kernel) separately: its vjp needs no forward values.
+  _, vjp = jax.vjp(lambda x, k: _im2col(x, k, strides, padding), *res)
+  return vjp(ct)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+_LOWERINGS = {
+    "depth_sum": _with_chunked_vjp(_depth_sum),
+    "depth_fold": _with_chunked_vjp(_depth_fold),
+    "im2col": _im2col,
+    "pointwise": _pointwise,
+}

@@ -1,0 +1,118 @@
+"""Every conv lowering equals the native convolution: forward, input grad, kernel grad, under jit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brain_ldm_jax.nn import conv_lowering
+
+REWRITES = ("depth_sum", "depth_fold", "im2col", "pointwise")
+
+# (kernel size, stride, padding per axis): the network's 3^3 conv, its stride-2 downsample, 1^3.
+CASES = [(3, 1, (1, 1)), (3, 2, (0, 1)), (1, 1, (0, 0)), (1, 2, (0, 0))]
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _inputs(spatial, k, cin=3, cout=4):
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (2, *spatial, cin), jnp.float32)
+  w = jax.random.normal(kw, (*(k,) * len(spatial), cin, cout), jnp.float32)
+  return x, w
+
+
+def _value_and_grads(impl, stride, pad, nd):
+  """Jitted (y, dx, dw) for the loss sum(conv(x, w) * ct), ct a fixed random cotangent."""
+
+  def f(x, w, ct):
+    def loss(x, w):
+      y = conv_lowering.conv(x, w, strides=(stride,) * nd, padding=(pad,) * nd, impl=impl)
+      return jnp.sum(y * ct), y
+    (_, y), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+    return y, dx, dw
+
+  return jax.jit(f)
+
+
+@functools.lru_cache
+def _native_reference(spatial, k, stride, pad):
+  """Inputs, cotangent and native (y, dx, dw), computed once per case for all rewrites."""
+  x, w = _inputs(spatial, k)
+  nd = len(spatial)
+  y = conv_lowering.conv(x, w, strides=(stride,) * nd, padding=(pad,) * nd, impl="native")
+  ct = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+  return x, w, ct, _value_and_grads("native", stride, pad, nd)(x, w, ct)
+
+
+def _check_against_native(impl, spatial, k, stride, pad):
+  x, w, ct, ref = _native_reference(spatial, k, stride, pad)
+  got = _value_and_grads(impl, stride, pad, len(spatial))(x, w, ct)
+  for name, g, r in zip(("y", "dx", "dw"), got, ref):
+    assert g.shape == r.shape, (name, g.shape, r.shape)
+    assert _rel(g, r) < 1e-5, (impl, name, _rel(g, r))
+
+
+@pytest.mark.parametrize("impl", REWRITES)
+@pytest.mark.parametrize("k,stride,pad", CASES)
+def test_3d_lowering_matches_native(impl, k, stride, pad):
+  _check_against_native(impl, (6, 7, 5), k, stride, pad)
+
+
+@pytest.mark.parametrize("stride,pad", [(1, (1, 1)), (2, (0, 1))])
+def test_chunked_kernel_grad_matches_native(monkeypatch, stride, pad):
+  # Chunks of one or two output depth slices: the slab bounds of every chunk are exercised.
+  monkeypatch.setattr(conv_lowering, "_DW_CHUNK_FLOATS", 1)
+  monkeypatch.setattr(conv_lowering, "_DW_CHUNK_MIN_ROWS", 80)
+  assert len(conv_lowering._depth_chunks(6, 70, 3)) == 6
+  _check_against_native("depth_sum", (6, 7, 5), 3, stride, pad)
+
+
+def test_depth_chunks_cover_output_once():
+  for d_out, rows, cin in [(40, 2240, 16), (40, 2240, 128), (20, 560, 256), (5, 140, 512)]:
+    chunks = conv_lowering._depth_chunks(d_out, rows, cin)
+    covered = [i for lo, hi in chunks for i in range(lo, hi)]
+    assert covered == list(range(d_out))
+  # The paper-width AE level splits; a small latent conv stays whole.
+  assert len(conv_lowering._depth_chunks(40, 2240, 128)) > 1
+  assert len(conv_lowering._depth_chunks(20, 560, 16)) == 1
+
+
+@pytest.mark.parametrize("impl", ["auto", *REWRITES])
+def test_2d_input_uses_native(impl):
+  x, w = _inputs((7, 5), 3)
+  kw = dict(strides=(2, 1), padding=((0, 1), (1, 1)))
+  np.testing.assert_array_equal(conv_lowering.conv(x, w, impl=impl, **kw),
+                                conv_lowering.conv(x, w, impl="native", **kw))
+
+
+def test_auto_under_jit_matches_native():
+  x, w = _inputs((6, 7, 5), 3)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+  got = jax.jit(lambda x, w: conv_lowering.conv(x, w, impl="auto", **kw))(x, w)
+  assert _rel(got, conv_lowering.conv(x, w, impl="native", **kw)) < 1e-5
+
+
+def test_choose_impl_rule():
+  choose = conv_lowering.choose_impl
+  s1, s2 = (1, 1, 1), (2, 2, 2)
+  assert choose((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s1, "cpu") == "depth_sum"
+  assert choose((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s2, "cpu") == "depth_sum"
+  assert choose((1, 10, 14, 10, 512), (3, 3, 3, 512, 512), s1, "cpu") == "depth_sum"
+  assert choose((1, 40, 56, 40, 16), (3, 3, 3, 16, 32), s1, "cpu") == "depth_fold"
+  assert choose((1, 20, 28, 20, 7), (3, 3, 3, 7, 32), s1, "cpu") == "depth_fold"
+  assert choose((1, 40, 56, 40, 1), (3, 3, 3, 1, 16), s1, "cpu") == "im2col"
+  assert choose((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1, "cpu") == "pointwise"
+  assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu") == "native"
+  for platform in ("gpu", "cuda", "rocm", "tpu"):
+    assert choose((1, 40, 56, 40, 16), (3, 3, 3, 16, 16), s1, platform) == "native"
+
+
+def test_unknown_impl_raises():
+  x, w = _inputs((6, 7, 5), 3)
+  with pytest.raises(ValueError, match="unknown"):
+    conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3, impl="winograd")
