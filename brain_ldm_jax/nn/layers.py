@@ -1,0 +1,297 @@
+"""Shared layers with PyTorch/MONAI semantics, channels last.
+
+Every convolution in the networks is a `Conv` from this file, and `Conv` is the only caller of
+`conv_lowering.conv`, so swapping the CPU/GPU lowering happens in one place.
+
+Precision: parameters are float32; `dtype` is the compute dtype (bf16 on accelerators). Norm
+statistics and softmax are always computed in float32 and cast back to the compute dtype.
+
+Initialisers follow PyTorch's defaults (kaiming-uniform with a = sqrt(5), i.e. U(±1/sqrt(fan_in))
+for weights and biases) so a freshly initialised network trains like MONAI's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from brain_ldm_jax.nn import conv_lowering
+
+Dtype = Any
+Initializer = Any
+
+# PyTorch's default weight init for Conv/Linear: kaiming_uniform(a=sqrt(5)) == U(±1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def as_dtype(dtype: str | Dtype) -> jnp.dtype:
+  """A compute dtype from a config string ("float32", "bfloat16") or a dtype."""
+  try:
+    return jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"unknown dtype {dtype!r}: use 'float32' or 'bfloat16'") from e
+
+
+def _uniform_bias_init(fan_in: int) -> Initializer:
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _pairs(padding: int | Sequence[int] | Sequence[tuple[int, int]], nd: int) -> tuple:
+  """Padding given as an int, per-axis ints or per-axis (low, high) pairs -> per-axis pairs."""
+  if isinstance(padding, int):
+    return ((padding, padding),) * nd
+  out = []
+  for p in padding:
+    out.append((p, p) if isinstance(p, int) else tuple(p))
+  if len(out) != nd:
+    raise ValueError(f"padding {padding!r} does not match {nd} spatial dims")
+  return tuple(out)
+
+
+class Conv(nn.Module):
+  """N-d convolution (MONAI `Convolution(conv_only=True)` / torch ConvNd), channels last.
+
+  Kernel (*kernel_size, in, out); MONAI's (out, in, *kernel_size) maps by transposition.
+  `padding` is an int (symmetric, as PyTorch) or per-axis (low, high) pairs (e.g. MONAI's
+  AEKLDownsample pads (0, 1) and then convolves without padding: one asymmetric conv here).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: Any = 0
+  use_bias: bool = True
+  zero_init: bool = False  # MONAI's zero_module(...) convolutions
+  kernel_init: Initializer | None = None
+  dtype: Dtype = jnp.float32
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = x.ndim - 2
+    cin = x.shape[-1]
+    ks = (self.kernel_size,) * nd if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    fan_in = cin * int(np.prod(ks))
+    if self.zero_init:
+      k_init, b_init = nn.initializers.zeros, nn.initializers.zeros
+    else:
+      k_init = self.kernel_init or torch_default_kernel_init
+      b_init = nn.initializers.zeros if self.kernel_init else _uniform_bias_init(fan_in)
+    kernel = self.param("kernel", k_init, ks + (cin, self.features), jnp.float32)
+    strides = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
+    y = conv_lowering.conv(x.astype(self.dtype), kernel.astype(self.dtype), strides=strides,
+                           padding=_pairs(self.padding, nd), impl=self.impl)
+    if self.use_bias:
+      bias = self.param("bias", b_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """torch.nn.Linear: kernel (in, out) = torch weight transposed."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    kernel = self.param("kernel", torch_default_kernel_init, (cin, self.features), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", _uniform_bias_init(cin), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm on channels-last input: contiguous channel groups, biased variance."""
+  num_groups: int
+  epsilon: float = 1e-6
+  affine: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
+    g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    # Two-pass variance: as accurate as PyTorch's on inputs with a large mean.
+    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+    y = ((g - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    if self.affine:
+      y = y * self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+      y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last axis (eps 1e-5 as PyTorch; Flax's default is 1e-6)."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * lax.rsqrt(var + self.epsilon)
+    y = y * self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm (momentum 0.1, eps 1e-5) with PyTorch's running-statistics semantics.
+
+  Training mode (`use_running_average=False`) normalises with the batch's biased variance and,
+  when `batch_stats` is mutable, updates running mean / *unbiased* running variance /
+  num_batches_tracked exactly as PyTorch does, so converted statistics stay comparable. Eval mode
+  uses the running statistics. Flax's own BatchNorm differs (momentum convention, biased running
+  variance, no counter), hence this layer.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  scale_init: Initializer = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    xf = x.astype(jnp.float32)
+    if use_ra:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = xf.mean(axes)
+      var = jnp.square(xf - mean).mean(axes)
+      if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        count.value = count.value + 1
+    y = (xf - mean) * lax.rsqrt(var + self.epsilon)
+    y = y * self.param("scale", self.scale_init, (c,), jnp.float32)
+    y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+  """AvgPool(kernel 2, stride 2) over all spatial axes (floor mode, as PyTorch)."""
+  nd = x.ndim - 2
+  spatial = x.shape[1:-1]
+  x = x[(slice(None),) + tuple(slice(0, s - s % 2) for s in spatial)]
+  shape = [x.shape[0]]
+  for s in x.shape[1:-1]:
+    shape += [s // 2, 2]
+  x = x.reshape(shape + [x.shape[-1]])
+  return x.mean(axis=tuple(2 + 2 * i for i in range(nd)), dtype=jnp.float32).astype(x.dtype)
+
+
+def upsample_nearest2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour ×2 upsampling over all spatial axes (torch interpolate, scale 2)."""
+  for axis in range(1, x.ndim - 1):
+    x = jnp.repeat(x, 2, axis=axis)
+  return x
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+                         upcast: bool = False) -> jax.Array:
+  """Scaled dot-product attention as MONAI's SABlock/CrossAttentionBlock (no flash path).
+
+  q (B, T, H*D), k/v (B, S, H*D) -> (B, T, H*D). Softmax in float32; with `upcast` (MONAI's
+  `upcast_attention`, attention_dtype=float) the q·k logits are computed in float32 too.
+  """
+  b, t, inner = q.shape
+  d = inner // num_heads
+  q = q.reshape(b, t, num_heads, d)
+  k = k.reshape(b, k.shape[1], num_heads, d)
+  v = v.reshape(b, v.shape[1], num_heads, d)
+  if upcast:
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  logits = jnp.einsum("bxhd,byhd->bhxy", q, k) * (d ** -0.5)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhxy,byhd->bxhd", weights, v)
+  return out.reshape(b, t, inner)
+
+
+class SelfAttention(nn.Module):
+  """MONAI SABlock with separate to_q/to_k/to_v and an output projection `out_proj`."""
+  num_heads: int
+  qkv_bias: bool = False
+  upcast: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    inner = x.shape[-1]
+    kv = x if context is None else context
+    q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+    k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(kv)
+    v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(kv)
+    h = multi_head_attention(q, k, v, self.num_heads, self.upcast)
+    return Linear(x.shape[-1], dtype=self.dtype, name="out_proj")(h)
+
+
+class SpatialAttentionBlock(nn.Module):
+  """MONAI SpatialAttentionBlock: GroupNorm, self-attention over all voxels, residual.
+
+  `num_head_channels=None` gives one head (MONAI's AutoencoderKL); q/k/v have biases.
+  """
+  norm_num_groups: int
+  norm_eps: float
+  num_head_channels: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if self.num_head_channels is not None and c % self.num_head_channels:
+      raise ValueError(f"{c} channels are not divisible by num_head_channels "
+                       f"{self.num_head_channels}")
+    heads = c // self.num_head_channels if self.num_head_channels else 1
+    h = GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm")(x)
+    h = h.reshape(x.shape[0], -1, c)
+    h = SelfAttention(heads, qkv_bias=True, dtype=self.dtype, name="attn")(h)
+    return h.reshape(x.shape).astype(x.dtype) + x
+
+
+def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
+  """Constructor kwargs for a network module from a config section (ConfigDict or dict).
+
+  Keys must be the module's field names (MONAI's argument names plus remat/dtype/conv_impl);
+  sequences become tuples so the module stays hashable.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  items = cfg.items() if hasattr(cfg, "items") else dict(cfg).items()
+  kwargs = {}
+  for key, value in items:
+    if key not in fields:
+      raise ValueError(f"config section {section!r}: unknown field {key!r} for {cls.__name__}; "
+                       f"known fields: {', '.join(sorted(fields))}")
+    if isinstance(value, list):
+      value = tuple(value)
+    kwargs[key] = value
+  return kwargs
