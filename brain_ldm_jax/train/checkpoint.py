@@ -66,14 +66,26 @@ class Checkpointer:
       raise DataError(f"no finished checkpoint in {self.directory}")
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore_state_only(self, abstract_state: Any, step: int | None = None) -> Any:
-    """The train state at `step` (default latest), for frozen use by a later stage."""
+  def restore_state_only(self, abstract_state: Any = None, step: int | None = None) -> Any:
+    """The train state at `step` (default latest).
+
+    Without `abstract_state`, arrays land on this process's first device, whatever device layout
+    saved them: a run trained on a pod can be loaded in a notebook.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise DataError(f"no finished checkpoint in {self.directory}")
+    if abstract_state is None:
+      abstract_state = self._single_device_target(step)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+  def _single_device_target(self, step: int) -> Any:
+    metadata = self._manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata)
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""

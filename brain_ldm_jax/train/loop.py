@@ -140,7 +140,7 @@ def _train(stage, state, start, batches, data_iterator, ckpt, writer, last_saved
         writer.write_scalars(step, scalars)
         progress.report(step, scalars)
         metrics = None
-      if stage.images is not None and (step % stage.image_every == 0 or is_last):
+      if stage.images is not None and step % stage.image_every == 0:
         writer.write_images(step, stage.images(state, batch))
       if step % stage.checkpoint_every == 0 or is_last or stop.is_set:
         if metrics is not None:  # never save past an unchecked non-finite step

@@ -1,0 +1,202 @@
+"""Training end to end through the real CLI, in subprocesses with forced CPU devices.
+
+Each run trains the tiny `test` preset for a few steps; the tests compare the parameters that
+different device layouts, process counts, interruptions and restarts produce.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from brain_ldm_jax import presets
+from brain_ldm_jax.data import synthetic
+from brain_ldm_jax.train import checkpoint as checkpoint_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 600
+
+# A few steps of each stage, adversarial loss on from the second AE step, a checkpoint per step.
+BASE_FLAGS = (
+    "--config.train_ae.num_steps=3", "--config.train_ae.adv_start_step=1",
+    "--config.train_ae.batch_size=4", "--config.train_ae.checkpoint_every=1",
+    "--config.train_ldm.num_steps=3", "--config.train_ldm.batch_size=4",
+    "--config.train_ldm.checkpoint_every=1",
+    "--config.stages=('autoencoder','ldm')",
+)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+  config = presets.base_config("test")
+  out = str(tmp_path_factory.mktemp("cohort"))
+  synthetic.make_cohort(out, num_subjects=8, seed=0, spacing=config.data.spacing,
+                        shape=tuple(config.data.shape))
+  return out
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _command(workdir, cohort, extra=()):
+  return [sys.executable, "-m", "brain_ldm_jax.main", "--config=configs/ldm.py:test",
+          f"--workdir={workdir}", f"--config.data.data_dir={cohort}", *BASE_FLAGS, *extra]
+
+
+def _train(workdir, cohort, devices=1, extra=()):
+  result = subprocess.run(_command(workdir, cohort, extra), cwd=REPO, env=_env(devices),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def _params(workdir, stage, step=None):
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, stage))
+  try:
+    state = ckpt.restore_state_only(None, step)
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def _assert_trees(a, b, exact: bool):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    if exact:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(cohort, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  _train(workdir, cohort, devices=1)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def four_device_run(cohort, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("four_devices"))
+  _train(workdir, cohort, devices=4)
+  return workdir
+
+
+def test_four_devices_equal_one_device(one_device_run, four_device_run):
+  for stage in ("autoencoder", "ldm"):
+    _assert_trees(_params(one_device_run, stage)["params"],
+                  _params(four_device_run, stage)["params"], exact=False)
+  ldm = _params(one_device_run, "ldm")
+  assert int(ldm["step"]) == 3
+  assert not np.allclose(ldm["params"]["conv_in"]["kernel"],
+                         ldm["ema_params"]["conv_in"]["kernel"]), "EMA should lag the params"
+
+
+def test_fsdp_sharded_equals_replicated(cohort, four_device_run, tmp_path):
+  workdir = str(tmp_path / "fsdp")
+  _train(workdir, cohort, devices=4, extra=("--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64"))
+  for stage in ("autoencoder", "ldm"):
+    _assert_trees(_params(workdir, stage), _params(four_device_run, stage), exact=False)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(cohort, four_device_run, tmp_path):
+  workdir = str(tmp_path / "two_processes")
+  port = _free_port()
+  procs = [
+      subprocess.Popen(
+          # A process after jax.distributed.initialize ignores SIGTERM: kill with SIGKILL.
+          ["timeout", "-s", "KILL", str(TIMEOUT)]
+          + _command(workdir, cohort, (f"--coordinator_address=127.0.0.1:{port}",
+                                       "--num_processes=2", f"--process_id={i}")),
+          cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate() for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+  for stage in ("autoencoder", "ldm"):
+    _assert_trees(_params(workdir, stage), _params(four_device_run, stage), exact=False)
+
+
+def _wait_for_checkpoint(workdir, stage, proc, at_least=1):
+  deadline = time.time() + TIMEOUT
+  directory = os.path.join(workdir, stage)
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(directory):
+      steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+      if steps and max(steps) >= at_least:
+        return
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint of {stage} appeared; stderr: {proc.stderr.read()[-3000:]}")
+
+
+def test_kill_and_resume_is_bit_identical(cohort, one_device_run, tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(_command(workdir, cohort), cwd=REPO, env=_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(workdir, "ldm", proc, at_least=1)
+  proc.kill()
+  proc.wait()
+  _train(workdir, cohort, devices=1)
+  for stage in ("autoencoder", "ldm"):
+    _assert_trees(_params(workdir, stage), _params(one_device_run, stage), exact=True)
+
+
+def test_sigterm_leaves_a_complete_checkpoint(cohort, tmp_path):
+  workdir = str(tmp_path / "preempted")
+  proc = subprocess.Popen(_command(workdir, cohort, ("--config.train_ae.num_steps=1000",)),
+                          cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  _wait_for_checkpoint(workdir, "autoencoder", proc, at_least=2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM" in err
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "autoencoder"))
+  try:
+    step = ckpt.latest_step()
+    assert 2 <= step < 1000
+    state = ckpt.restore_state_only(None, step)
+  finally:
+    ckpt.close()
+  assert int(state["step"]) == step
+  assert not os.path.exists(os.path.join(workdir, "ldm")), "the job must stop after preemption"
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cohort, tmp_path):
+  workdir = str(tmp_path / "diverged")
+  # An absurd learning rate makes the second step's loss overflow.
+  result = subprocess.run(
+      _command(workdir, cohort, ("--config.train_ae.learning_rate=1e35",
+                                 "--config.train_ae.num_steps=6")),
+      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "non-finite" in result.stderr
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "autoencoder"))
+  try:
+    step = ckpt.latest_step()
+    assert step is not None and step < 6
+    state = ckpt.restore_state_only(None, step)
+  finally:
+    ckpt.close()
+  for leaf in jax.tree.leaves(state["params"]):
+    assert np.all(np.isfinite(leaf))
