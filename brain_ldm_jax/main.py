@@ -59,6 +59,16 @@ def resolve_job(name: str):
   return getattr(module, function_name)
 
 
+class _QuietLibraries:
+  """Drops INFO records from orbax and grain: they log every file operation, which buries our
+  progress lines. Their warnings and errors still show."""
+
+  _NOISY = ("/orbax/", "/grain/")
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
+
+
 def _maybe_initialize_distributed() -> None:
   if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
     return
@@ -76,6 +86,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where checkpoints and outputs go")
   config = _CONFIG.value
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     job = resolve_job(config.job)
     _maybe_initialize_distributed()

@@ -29,7 +29,7 @@ def _data(preset: str) -> ml_collections.ConfigDict:
   d.skip_bad_subjects = False
   # The synthetic cohort made when data_dir is empty.
   d.synthetic = ml_collections.ConfigDict()
-  d.synthetic.num_subjects = {"paper": 512, "demo": 96, "test": 12}[preset]
+  d.synthetic.num_subjects = {"paper": 512, "demo": 64, "test": 12}[preset]
   d.synthetic.seed = 0
   d.synthetic.spacing = d.spacing
   return d
@@ -40,9 +40,9 @@ def _autoencoder(preset: str) -> ml_collections.ConfigDict:
   a.spatial_dims = 3
   a.in_channels = 1
   a.out_channels = 1
-  a.channels = {"paper": (64, 128, 128, 128), "demo": (16, 32), "test": (8, 16)}[preset]
+  a.channels = {"paper": (64, 128, 128, 128), "demo": (16, 32, 32), "test": (8, 16)}[preset]
   a.num_res_blocks = {"paper": 2, "demo": 1, "test": 1}[preset]
-  a.attention_levels = {"paper": (False,) * 4, "demo": (False,) * 2, "test": (False,) * 2}[preset]
+  a.attention_levels = (False,) * len(a.channels)
   a.latent_channels = 3
   a.norm_num_groups = {"paper": 32, "demo": 8, "test": 4}[preset]
   a.norm_eps = 1e-6
@@ -68,10 +68,12 @@ def _unet(preset: str) -> ml_collections.ConfigDict:
   u.spatial_dims = 3
   u.in_channels = 3 + len(COVARIATES)  # latent + covariates broadcast as channels
   u.out_channels = 3
-  u.channels = {"paper": (256, 512, 768), "demo": (32, 64, 64), "test": (8, 16, 16)}[preset]
-  u.num_res_blocks = {"paper": 2, "demo": 1, "test": 1}[preset]
-  u.attention_levels = (False, True, True)
-  u.num_head_channels = {"paper": (0, 512, 768), "demo": (0, 32, 32), "test": (0, 8, 8)}[preset]
+  # The demo's latent is 10x14x10 (x4 downsampling): two levels, attention on 5x7x5.
+  u.channels = {"paper": (256, 512, 768), "demo": (32, 64), "test": (8, 16, 16)}[preset]
+  u.num_res_blocks = {"paper": 2, "demo": 2, "test": 1}[preset]
+  u.attention_levels = {"paper": (False, True, True), "demo": (False, True),
+                        "test": (False, True, True)}[preset]
+  u.num_head_channels = {"paper": (0, 512, 768), "demo": (0, 32), "test": (0, 8, 8)}[preset]
   u.norm_num_groups = {"paper": 32, "demo": 8, "test": 4}[preset]
   u.norm_eps = 1e-6
   u.resblock_updown = True
@@ -112,18 +114,19 @@ def _sampling(preset: str) -> ml_collections.ConfigDict:
 
 def _train_ae(preset: str) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
-  t.batch_size = {"paper": 8, "demo": 4, "test": 2}[preset]  # global
-  t.num_steps = {"paper": 200_000, "demo": 1500, "test": 4}[preset]
+  t.batch_size = {"paper": 8, "demo": 2, "test": 2}[preset]  # global
+  t.num_steps = {"paper": 200_000, "demo": 250, "test": 4}[preset]
   t.learning_rate = 1e-4
   t.disc_learning_rate = 1e-4
   t.kl_weight = 1e-6
   t.adv_weight = {"paper": 1e-2, "demo": 1e-2, "test": 1e-2}[preset]
-  t.adv_start_step = {"paper": 10_000, "demo": 750, "test": 2}[preset]
+  # The demo is too short for a warm-up to matter; starting at 0 saves compiling a second step.
+  t.adv_start_step = {"paper": 10_000, "demo": 0, "test": 2}[preset]
   t.perceptual_weight = 1e-3
   t.perceptual_weights_path = ""  # pretrained feature network; empty: no perceptual loss
   t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
-  t.image_every = {"paper": 5000, "demo": 500, "test": 4}[preset]
-  t.checkpoint_every = {"paper": 5000, "demo": 500, "test": 2}[preset]
+  t.image_every = {"paper": 5000, "demo": 125, "test": 4}[preset]
+  t.checkpoint_every = {"paper": 5000, "demo": 125, "test": 2}[preset]
   t.keep_checkpoints = 3
   return t
 
@@ -131,16 +134,19 @@ def _train_ae(preset: str) -> ml_collections.ConfigDict:
 def _train_ldm(preset: str) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.batch_size = {"paper": 32, "demo": 8, "test": 2}[preset]
-  t.num_steps = {"paper": 200_000, "demo": 3000, "test": 4}[preset]
-  t.learning_rate = {"paper": 2.5e-5, "demo": 2e-4, "test": 1e-3}[preset]
+  t.num_steps = {"paper": 200_000, "demo": 500, "test": 4}[preset]
+  t.learning_rate = {"paper": 2.5e-5, "demo": 5e-4, "test": 1e-3}[preset]
   t.weight_decay = 0.0
-  t.ema_decay = {"paper": 0.9999, "demo": 0.999, "test": 0.9}[preset]
+  t.ema_decay = {"paper": 0.9999, "demo": 0.99, "test": 0.9}[preset]
   t.cond_drop_prob = 0.0  # > 0 trains for classifier-free guidance
   t.latent = "mean"  # mean | sample of the frozen encoder's posterior
+  # Encode the training set once (exact: the encoder is frozen) instead of every step. Needs the
+  # posteriors of all training subjects in host memory: off for the paper's 31k subjects.
+  t.cache_latents = preset != "paper"
   t.scale_factor = "std"  # "std": 1/std of training latents (MONAI tutorial); or a number, e.g. "1.0"
   t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
   t.image_every = {"paper": 5000, "demo": 1000, "test": 4}[preset]
-  t.checkpoint_every = {"paper": 5000, "demo": 500, "test": 2}[preset]
+  t.checkpoint_every = {"paper": 5000, "demo": 250, "test": 2}[preset]
   t.keep_checkpoints = 3
   return t
 

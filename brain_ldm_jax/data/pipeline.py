@@ -158,7 +158,7 @@ def _process_shard(shard: grain.sharding.ShardOptions | None) -> tuple[int, int]
 class Loader:
   """Iterator over batches: dicts of global jax.Arrays (numpy local batches when mesh is None)."""
 
-  def __init__(self, dataset: grain.IterDataset, checker: BadRecords, mesh):
+  def __init__(self, dataset: grain.IterDataset, checker: BadRecords | None, mesh):
     self._iterator = iter(dataset)
     self._checker = checker
     self._mesh = mesh
@@ -175,7 +175,7 @@ class Loader:
   @property
   def num_skipped(self) -> int:
     """Bad subjects skipped by this process so far (data.skip_bad_subjects)."""
-    return self._checker.num_skipped
+    return 0 if self._checker is None else self._checker.num_skipped
 
   # grain.checkpoint.CheckpointHandler stores get_state() bytes per process and calls
   # set_state + start_prefetch on restore.
@@ -251,3 +251,34 @@ def make_eval_loader(subjects: Sequence[Subject], stats: CovariateStats, data_co
   it = _parallel(ds[index::count].to_iter_dataset(), int(data_config.num_workers))
   it = it.map(checker.fill).batch(local, drop_remainder=False)
   return Loader(it, checker, mesh)
+
+
+class ArraySource:
+  """grain source over in-memory records: record i is {name: array[i]} (e.g. cached latents)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"arrays must have equal lengths; got {lengths}")
+    self._arrays = arrays
+    self._length = lengths.pop()
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict:
+    return {k: v[int(index)] for k, v in self._arrays.items()}
+
+  def __repr__(self) -> str:
+    return f"ArraySource({self._length} records: {', '.join(self._arrays)})"
+
+
+def make_array_loader(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
+                      mesh=None, *, shard: grain.sharding.ShardOptions | None = None,
+                      field: str = "batch_size") -> Loader:
+  """Endless shuffled batches of in-memory records, sharded and resumable as the image loader."""
+  index, count = _process_shard(shard)
+  local = _per_process_batch(global_batch_size, mesh, count, field)
+  ds = grain.MapDataset.source(ArraySource(arrays)).shuffle(seed=int(seed)).repeat(None)
+  it = ds[index::count].to_iter_dataset().batch(local, drop_remainder=True)
+  return Loader(it, None, mesh)

@@ -1,6 +1,7 @@
 """Stage 2: the latent diffusion model, trained on the frozen autoencoder's latents.
 
-Each step encodes the batch with the frozen encoder (posterior mean or a sample), scales the latent,
+Each step takes the frozen encoder's posterior of the batch (its mean or a sample; encoded in the
+step, or once for the whole training set when `train_ldm.cache_latents`), scales the latent,
 noises it at random timesteps and regresses the UNet's output on the diffusion target (ε in the
 paper), with covariates as extra channels and as a one-token cross-attention context. AdamW, an EMA
 of the UNet weights, and optional condition dropout for classifier-free guidance.
@@ -14,7 +15,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
@@ -47,16 +47,20 @@ def make_schedule(diffusion_config) -> schedules.Schedule:
                                  diffusion_config.beta_start, diffusion_config.beta_end)
 
 
-def encode_latents(autoencoder, ae_params, images, key, latent_mode: str, scale_factor):
-  """Scaled latents of `images`: the posterior mean, or one sample of it."""
-  mean, logvar = autoencoder.apply({"params": ae_params}, images, method="encode")
+def posterior_latent(mean, logvar, key, latent_mode: str):
+  """The latent a step trains on: the encoder posterior's mean, or one sample of it."""
   if latent_mode == "sample":
-    z = autoencoder_lib.sample_latent(mean, logvar, key)
-  elif latent_mode == "mean":
-    z = mean
-  else:
-    raise ConfigError(f"train_ldm.latent={latent_mode!r}: use 'mean' or 'sample'")
-  return z * scale_factor
+    return autoencoder_lib.sample_latent(mean, logvar, key)
+  if latent_mode == "mean":
+    return mean
+  raise ConfigError(f"train_ldm.latent={latent_mode!r}: use 'mean' or 'sample'")
+
+
+def batch_posterior(autoencoder, ae_params, batch):
+  """(mean, log-variance) of a batch: cached ones when the batch carries them, else encoded."""
+  if "latent_mean" in batch:
+    return batch["latent_mean"], batch["latent_logvar"]
+  return autoencoder.apply({"params": ae_params}, batch["image"], method="encode")
 
 
 def latent_scale_factor(autoencoder, ae_params, images, setting: str) -> float:
@@ -88,8 +92,8 @@ def ldm_train_step(state: LDMState, batch, ae_params, scale_factor, *, unet, aut
   """One optimisation step; pure, so it jits with explicit shardings and donated state."""
   key = state_lib.step_key(state.key, state.step)
   k_latent, k_drop, k_loss = jax.random.split(key, 3)
-  z0 = encode_latents(autoencoder, ae_params, batch["image"], k_latent, latent_mode, scale_factor)
-  z0 = jax.lax.stop_gradient(z0)
+  mean, logvar = batch_posterior(autoencoder, ae_params, batch)
+  z0 = jax.lax.stop_gradient(posterior_latent(mean, logvar, k_latent, latent_mode) * scale_factor)
   cond = batch["cond"]
   if cond_drop_prob > 0:
     cond = guidance.drop_conditions(k_drop, cond, cond_drop_prob)
@@ -142,6 +146,3 @@ def build(config, mesh, key):
   return dict(unet=unet, autoencoder=autoencoder, init=init, abstract=abstract, step=jitted,
               schedule=schedule)
 
-
-def to_numpy(tree):
-  return jax.tree.map(np.asarray, tree)

@@ -6,11 +6,13 @@ command after an interruption continues where it stopped.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from brain_ldm_jax import api
 from brain_ldm_jax import figures
@@ -59,7 +61,8 @@ def train_autoencoder(config, workdir, mesh, train, stats, meta):
                  "(train_ae.perceptual_weights_path)")
   built = ae_stage.build(config, mesh, key, perceptual_fn)
   loader = data_pipeline.make_train_loader(train, stats, config.data, t.batch_size,
-                                           seed=config.seed, mesh=mesh)
+                                           seed=config.seed, mesh=mesh,
+                                           field="train_ae.batch_size")
   autoencoder = built["autoencoder"]
   reconstruct = jax.jit(lambda params, images: ae_stage.reconstruct(autoencoder, params, images))
 
@@ -91,12 +94,40 @@ def scale_factor_for(config, workdir, autoencoder, ae_params, train, stats, mesh
   return factor
 
 
-def train_ldm(config, workdir, mesh, train, stats, ae_params, scale_factor, meta):
+def cached_posteriors(config, autoencoder, ae_params, train, stats, mesh) -> dict[str, np.ndarray]:
+  """Every training subject's posterior (mean, log-variance) and covariates, encoded once.
+
+  The encoder is frozen during the LDM stage, so encoding each subject once gives exactly the
+  latents a per-step encoding would, without re-running the encoder every step.
+  """
+  loader = data_pipeline.make_eval_loader(train, stats, config.data,
+                                          config.train_ldm.batch_size, mesh=mesh)
+  encode = jax.jit(functools.partial(autoencoder.apply, method="encode"))
+  parts = {"latent_mean": [], "latent_logvar": [], "cond": [], "index": [], "mask": []}
+  for batch in loader:
+    mean, logvar = encode({"params": ae_params}, batch["image"])
+    for name, value in (("latent_mean", mean), ("latent_logvar", logvar), ("cond", batch["cond"]),
+                        ("index", batch["index"]), ("mask", batch["mask"])):
+      parts[name].append(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
+  arrays = {k: np.concatenate(v) for k, v in parts.items()}
+  keep = arrays.pop("mask") > 0
+  order = np.argsort(arrays.pop("index")[keep], kind="stable")
+  logging.info("encoded %d training subjects once for the LDM stage", int(keep.sum()))
+  return {k: v[keep][order] for k, v in arrays.items()}
+
+
+def train_ldm(config, workdir, mesh, train, stats, autoencoder, ae_params, scale_factor, meta):
   t = config.train_ldm
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   built = ldm_stage.build(config, mesh, key)
-  loader = data_pipeline.make_train_loader(train, stats, config.data, t.batch_size,
-                                           seed=config.seed + 1, mesh=mesh)
+  if t.cache_latents:
+    arrays = cached_posteriors(config, autoencoder, ae_params, train, stats, mesh)
+    loader = data_pipeline.make_array_loader(arrays, t.batch_size, seed=config.seed + 1,
+                                             mesh=mesh, field="train_ldm.batch_size")
+  else:
+    loader = data_pipeline.make_train_loader(train, stats, config.data, t.batch_size,
+                                             seed=config.seed + 1, mesh=mesh,
+                                             field="train_ldm.batch_size")
   scale = jax.device_put(np.float32(scale_factor), sharding_lib.replicated(mesh))
   ae_params = jax.device_put(ae_params, sharding_lib.replicated(mesh))
 
@@ -155,7 +186,7 @@ def run_ldm_job(config, workdir: str) -> None:
       scale_factor = scale_factor_for(config, workdir, autoencoder, ae_params, train, stats, mesh)
       checkpoint_lib.write_json_atomic(run_path,
                                        api.run_info(config, stats, scale_factor, affine))
-      train_ldm(config, workdir, mesh, train, stats, ae_params, scale_factor,
+      train_ldm(config, workdir, mesh, train, stats, autoencoder, ae_params, scale_factor,
                 dict(meta, scale_factor=scale_factor))
   except loop.Preempted as e:
     logging.warning("%s", e)
