@@ -119,6 +119,19 @@ def test_process_shards_are_disjoint_and_cover_the_cohort(cohort):
   assert sorted(seen[0] + seen[1]) == list(range(N))
 
 
+def test_processes_hold_contiguous_blocks_of_the_same_global_batch(cohort):
+  subjects, stats, _ = cohort
+  whole = pipeline.make_train_loader(subjects, stats, _data_config(), 4, seed=3)
+  expected = [list(map(int, b["index"])) for b in _take(whole, 2)]
+  parts = []
+  for p in range(2):
+    shard = grain.sharding.ShardOptions(shard_index=p, shard_count=2)
+    loader = pipeline.make_train_loader(subjects, stats, _data_config(), 4, seed=3, shard=shard)
+    parts.append([list(map(int, b["index"])) for b in _take(loader, 2)])
+  # Rows and their order (which pairs rows with per-row random draws) match one process's batch.
+  assert [parts[0][k] + parts[1][k] for k in range(2)] == expected
+
+
 def test_eval_loader_pads_the_last_batch_with_masked_records(cohort):
   subjects, stats, _ = cohort
   five = subjects[:5]

@@ -3,7 +3,8 @@
 Order of operations (training):
   source (lazy: loads + preprocesses a subject on access)
   -> shuffle(seed) -> repeat (reshuffled each epoch)   same global order on every process
-  -> [process_index::process_count]                      disjoint per-process shards
+  -> process_rows: each process's contiguous block of every global batch (disjoint shards;
+     the global batch is the same ordered batch on any process count)
   -> worker processes (mp_prefetch; element order does not depend on the worker count)
   -> bad-record check (raise DataError naming the file, or skip and count)
   -> batch(per-process share of the global batch) -> sharding.global_batch.
@@ -209,6 +210,29 @@ def _per_process_batch(global_batch_size: int, mesh, process_count: int, field: 
   return global_batch_size // process_count
 
 
+class _ProcessRow:
+  """Element i of one process's stream: row i % local of its block in global batch i // local."""
+
+  def __init__(self, ds: grain.MapDataset, index: int, count: int, local: int):
+    self._ds, self._index, self._count, self._local = ds, index, count, local
+
+  def __call__(self, i: int):
+    block, row = divmod(int(i), self._local)
+    return self._ds[(block * self._count + self._index) * self._local + row]
+
+
+def process_rows(ds: grain.MapDataset, index: int, count: int, local: int) -> grain.MapDataset:
+  """Process `index`'s rows of every global batch of `count * local` consecutive elements.
+
+  Each process takes a contiguous block of each global batch, in order, so the global batch —
+  its rows and their order, which pairs rows with per-row random draws — is the same on any
+  number of processes.
+  """
+  if count == 1:
+    return ds
+  return grain.MapDataset.range(len(ds) // count).map(_ProcessRow(ds, index, count, local))
+
+
 def make_train_loader(subjects: Sequence[Subject], stats: CovariateStats, data_config,
                       global_batch_size: int, seed: int, mesh=None, *,
                       shard: grain.sharding.ShardOptions | None = None,
@@ -225,7 +249,7 @@ def make_train_loader(subjects: Sequence[Subject], stats: CovariateStats, data_c
   checker = BadRecords(bool(data_config.skip_bad_subjects), preprocess, pad=False,
                        cond_dim=len(stats.names), num_subjects=len(subjects))
   ds = grain.MapDataset.source(SubjectSource(subjects, stats, preprocess))
-  ds = ds.shuffle(seed=int(seed)).repeat(None)[index::count]
+  ds = process_rows(ds.shuffle(seed=int(seed)).repeat(None), index, count, local)
   it = _parallel(ds.to_iter_dataset(), int(data_config.num_workers))
   it = it.filter(checker.keep).batch(local, drop_remainder=True)
   return Loader(it, checker, mesh)
@@ -280,5 +304,5 @@ def make_array_loader(arrays: dict[str, np.ndarray], global_batch_size: int, see
   index, count = _process_shard(shard)
   local = _per_process_batch(global_batch_size, mesh, count, field)
   ds = grain.MapDataset.source(ArraySource(arrays)).shuffle(seed=int(seed)).repeat(None)
-  it = ds[index::count].to_iter_dataset().batch(local, drop_remainder=True)
+  it = process_rows(ds, index, count, local).to_iter_dataset().batch(local, drop_remainder=True)
   return Loader(it, None, mesh)
