@@ -1,5 +1,7 @@
 """Schedules, timestep listings and the training objective against MONAI."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +40,12 @@ def test_schedule_equals_monai(monai_schedulers, name, kwargs, num_train_timeste
 
 def test_schedule_from_config_is_the_paper_schedule():
   config = presets.base_config("paper")
+  # The paper preset leaves the spacing to the sampler, and DDIM's own default is the paper's.
   assert diffusion.sampler_options_from_config(config) == dict(
       sampler="ddim", num_steps=50, eta=0.0, prediction_type="epsilon", clip_sample=False,
-      timestep_spacing="leading")
+      timestep_spacing=None)
+  ddim_defaults = inspect.signature(diffusion.samplers.ddim_sample).parameters
+  assert ddim_defaults["timestep_spacing"].default == "leading"
   cfg = config.diffusion
   s = diffusion.schedule_from_config(cfg)
   assert s.num_train_timesteps == 1000
