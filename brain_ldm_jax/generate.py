@@ -501,6 +501,25 @@ def expected_params(config) -> dict:
   return jax.eval_shape(init)
 
 
+def random_params(config, seed: int = 0) -> dict:
+  """Fan-in-scaled random weights of the run's networks, for tests and benchmarks.
+
+  Shapes come from `expected_params` and values from numpy, so no network init has to compile.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      return np.ones(x.shape, np.float32)
+    if name.endswith("['bias']"):
+      return np.zeros(x.shape, np.float32)
+    fan_in = int(np.prod(x.shape[:-1])) or 1
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, expected_params(config))
+
+
 def param_mismatches(run: api.Run) -> list[str]:
   """Differences in names and shapes between the checkpoint and the run's networks."""
   want = {jax.tree_util.keystr(p): x.shape

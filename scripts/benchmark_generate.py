@@ -45,27 +45,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Interleaved repetitions; the medi
 _OUT = flags.DEFINE_string("out_dir", "", "Scratch folder (default: a temporary one).")
 
 
-def random_params(config, seed: int = 0) -> dict:
-  """Fan-in-scaled random weights with the networks' shapes (no eager init)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return np.ones(x.shape, np.float32)
-    if name.endswith("['bias']"):
-      return np.zeros(x.shape, np.float32)
-    return (rng.standard_normal(x.shape) / np.sqrt(max(1, np.prod(x.shape[:-1])))).astype(
-        np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, generate.expected_params(config))
-
-
 def make_run(preset: str) -> api.Run:
   config = presets.base_config(preset)
   names = tuple(config.data.covariates)
   stats = manifest.CovariateStats(names, (45.0, 0.0, 10.0, 1000.0), (80.0, 1.0, 120.0, 1500.0))
-  return api.Run(config=config, params=random_params(config), stats=stats, scale_factor=1.0,
+  return api.Run(config=config, params=generate.random_params(config), stats=stats,
+                 scale_factor=1.0,
                  affine=nifti.mni_affine(config.data.shape, config.data.spacing),
                  checkpoint=f"random weights ({preset})")
 

@@ -21,28 +21,13 @@ COND = {"age": [50.0, 70.0, 79.0], "sex": [0, 1, 1], "ventricular_volume": [20.0
         "brain_volume": [1400.0, 1200.0, 1100.0]}
 
 
-def _random_params(config, seed=0):
-  """Fan-in-scaled random weights with the networks' shapes (no eager init on a busy CPU)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return np.ones(x.shape, np.float32)
-    if name.endswith("['bias']"):
-      return np.zeros(x.shape, np.float32)
-    return (rng.standard_normal(x.shape) / np.sqrt(max(1, np.prod(x.shape[:-1])))).astype(
-        np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, generate.expected_params(config))
-
-
 @pytest.fixture(scope="module")
 def run():
   config = presets.base_config("test")
   config.sampling.num_steps = 2
   config.sampling.eta = 0.5  # exercise the per-step noise too
-  return api.Run(config=config, params=_random_params(config), stats=STATS, scale_factor=1.0,
+  return api.Run(config=config, params=generate.random_params(config), stats=STATS,
+                 scale_factor=1.0,
                  affine=nifti.mni_affine(config.data.shape, config.data.spacing),
                  checkpoint="in-memory")
 

@@ -38,27 +38,10 @@ NAMES = presets.COVARIATES
 STATS = manifest.CovariateStats(NAMES, (45.0, 0.0, 10.0, 1000.0), (80.0, 1.0, 120.0, 1500.0))
 
 
-def random_params(config, seed: int = 0) -> dict:
-  """Fan-in-scaled random weights of the run's networks, without running their init (slow on
-  a busy CPU): shapes from `jax.eval_shape`, values from numpy."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return np.ones(x.shape, np.float32)
-    if name.endswith("['bias']"):
-      return np.zeros(x.shape, np.float32)
-    fan_in = int(np.prod(x.shape[:-1])) or 1
-    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, generate.expected_params(config))
-
-
 def make_tiny_run(workdir: str, num_steps: int = 2) -> None:
   config = presets.base_config("test")
   config.sampling.num_steps = num_steps
-  api.save_run(workdir, config, random_params(config), STATS, 1.0,
+  api.save_run(workdir, config, generate.random_params(config), STATS, 1.0,
                nifti.mni_affine(config.data.shape, config.data.spacing))
 
 
