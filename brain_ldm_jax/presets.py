@@ -115,7 +115,7 @@ def _sampling(preset: str) -> ml_collections.ConfigDict:
 def _train_ae(preset: str) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.batch_size = {"paper": 8, "demo": 2, "test": 2}[preset]  # global
-  t.num_steps = {"paper": 200_000, "demo": 250, "test": 4}[preset]
+  t.num_steps = {"paper": 200_000, "demo": 150, "test": 4}[preset]
   t.learning_rate = 1e-4
   t.disc_learning_rate = 1e-4
   t.kl_weight = 1e-6
@@ -125,16 +125,16 @@ def _train_ae(preset: str) -> ml_collections.ConfigDict:
   t.perceptual_weight = 1e-3
   t.perceptual_weights_path = ""  # pretrained feature network; empty: no perceptual loss
   t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
-  t.image_every = {"paper": 5000, "demo": 125, "test": 4}[preset]
-  t.checkpoint_every = {"paper": 5000, "demo": 125, "test": 2}[preset]
+  t.image_every = {"paper": 5000, "demo": 75, "test": 4}[preset]
+  t.checkpoint_every = {"paper": 5000, "demo": 75, "test": 2}[preset]
   t.keep_checkpoints = 3
   return t
 
 
 def _train_ldm(preset: str) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
-  t.batch_size = {"paper": 32, "demo": 8, "test": 2}[preset]
-  t.num_steps = {"paper": 200_000, "demo": 500, "test": 4}[preset]
+  t.batch_size = {"paper": 32, "demo": 6, "test": 2}[preset]
+  t.num_steps = {"paper": 200_000, "demo": 900, "test": 4}[preset]
   t.learning_rate = {"paper": 2.5e-5, "demo": 5e-4, "test": 1e-3}[preset]
   t.weight_decay = 0.0
   t.ema_decay = {"paper": 0.9999, "demo": 0.99, "test": 0.9}[preset]
@@ -146,7 +146,7 @@ def _train_ldm(preset: str) -> ml_collections.ConfigDict:
   t.scale_factor = "std"  # "std": 1/std of training latents (MONAI tutorial); or a number, e.g. "1.0"
   t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
   t.image_every = {"paper": 5000, "demo": 1000, "test": 4}[preset]
-  t.checkpoint_every = {"paper": 5000, "demo": 250, "test": 2}[preset]
+  t.checkpoint_every = {"paper": 5000, "demo": 300, "test": 2}[preset]
   t.keep_checkpoints = 3
   return t
 
