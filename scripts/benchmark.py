@@ -1,14 +1,14 @@
 r"""One benchmark of brain_ldm_jax against MONAI: same networks, same weights, same CPU and threads.
 
-    python scripts/benchmark.py                    # everything, ~10 min on 2 cores
-    python scripts/benchmark.py --quick            # fewer repeats, paper UNet at width / 4, ~5 min
+    python scripts/benchmark.py                    # everything (memory alone compiles > 6 min)
+    python scripts/benchmark.py --quick            # 2 repeats, paper UNet width / 4, no memory
     python scripts/benchmark.py --cases unet_demo,ddim --repeats 5
     python scripts/benchmark.py --threads 1        # both libraries on one core
 
 Cases (`--cases`, comma-separated; default all):
   unet_demo    UNet forward, demo preset, at the demo latent shape (10×14×10).
   unet_paper   UNet forward at the paper's channels / `--paper_width_divisor` on a small latent
-               (`--paper_latent`, default 10×14×10).
+               (`--paper_latent`, default 12×16×12; 10×14×10 does not halve twice).
   ddim         DDIM-50 sample + decode per volume, demo preset. Ours: `api.make_sampler` (one jitted
                program); MONAI: a Python loop over `DDIMScheduler.step` with the MONAI UNet, then
                `AutoencoderKL.decode_stage_2_outputs`, under `torch.no_grad`.
@@ -25,7 +25,8 @@ Cases (`--cases`, comma-separated; default all):
   msssim       3D MS-SSIM throughput at the demo volume size (2 scales fit): metrics.ssim vs
                MONAI MultiScaleSSIMMetric.
   memory       Compiled (not run) paper-size (160×224×160) autoencoder train step, batch 1,
-               autoencoder.remat=True: XLA's memory analysis of the executable.
+               autoencoder.remat=True: XLA's memory analysis of the executable. Its compile
+               took > 6 min on 2 shared cores (XLA "Very slow compile" warning); not in --quick.
 
 Every timing is the median of `--repeats` after a warm-up call (compilation excluded); ours and
 MONAI's calls alternate (round-robin) together with a float32 GEMM, so load from other jobs hits
@@ -239,6 +240,21 @@ def demo_run(config, ae_variables, unet_variables):
                  stats=stats, scale_factor=1.0, affine=np.eye(4), checkpoint="random weights")
 
 
+def unet_call_flops(config, params, batch=1):
+  """XLA flops of one sampler step's network call (hybrid conditioning + UNet), batch 1."""
+  from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+  model = unet_lib.build_unet(config.unet)
+  z = jnp.zeros((batch,) + ldm_stage.latent_shape(config))
+  cond = jnp.zeros((batch, len(config.data.covariates)))
+
+  def call(params, z, t, cond):
+    x, context = unet_lib.hybrid_conditioning(z, cond)
+    return model.apply({"params": params}, x, jnp.full((batch,), t), context=context)
+
+  return compile_aot(jax.jit(call), params, z, jnp.int32(500), cond)
+
+
 class DemoSampling:
   """Demo networks (MONAI init, converted) and both sampling paths, shared by `ddim`, `dpmpp`."""
 
@@ -256,17 +272,23 @@ class DemoSampling:
                                    beta_start=d.beta_start, beta_end=d.beta_end,
                                    clip_sample=d.clip_sample, prediction_type=d.prediction_type)
     self.cond = np.full((1, len(config.data.covariates)), 0.5, np.float32)
+    self.call_flops = unet_call_flops(config, self.run.params["unet"])[1]
     self.ours_ddim = self.ours_images("ddim", 50)
     self.monai_ddim = self.monai_images(50)
 
   def ours_images(self, sampler, steps):
-    """(call, flops, compile seconds): one volume through api.make_sampler's jitted program."""
+    """(call, flops, compile seconds): one volume through api.make_sampler's jitted program.
+
+    XLA's cost analysis counts a `lax.scan` body once (checked: a 10-step scan of a matmul
+    reports one matmul's flops), so the other N − 1 network calls are added.
+    """
     from brain_ldm_jax import api  # pylint: disable=g-import-not-at-top
     fn = api.make_sampler(self.run, sampler=sampler, num_steps=steps, eta=0.0,
                           guidance_scale=1.0).normalised
     args = (self.run.params, jax.random.key(0), jnp.asarray(self.cond),
             jnp.zeros((1,), jnp.int32))
     compiled, flops, compile_s = compile_aot(fn, *args)
+    flops += (steps - 1) * self.call_flops
     return (lambda: compiled(*args).block_until_ready()), flops, compile_s
 
   def monai_images(self, steps):
@@ -292,7 +314,8 @@ def case_ddim(report, args, demo: DemoSampling):
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": demo.monai_ddim}, args.repeats)
   report.compare("DDIM-50 sample + decode (demo)", "per volume (batch 1)", times["ours"],
                  times["monai"], flops, times["gemm"],
-                 f"ours: api.make_sampler jitted (leading timesteps); MONAI: Python loop over "
+                 f"ours: api.make_sampler jitted (leading timesteps); flops = XLA's count + "
+                 f"49 × one UNet call (XLA counts a scan body once); MONAI: Python loop over "
                  f"DDIMScheduler.step (linspace); compile {compile_s:.0f} s")
 
 
@@ -352,21 +375,16 @@ def case_overhead(report, args, dpm_steps):
   """Sampler time over N × one jitted network call, on the tiny `test` UNet."""
   from brain_ldm_jax import api  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
-  from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
   config = presets.base_config("test")
-  _, model, variables = monai_and_flax("unet", config.unet, seed=4)
+  _, _, variables = monai_and_flax("unet", config.unet, seed=4)
   params = variables["params"]
   zshape = ldm_stage.latent_shape(config)
   keys = api.sample_keys(jax.random.key(0), jnp.zeros((1,), jnp.int32))
   cond = jnp.full((1, len(config.data.covariates)), 0.5, jnp.float32)
   z = jax.random.normal(jax.random.key(1), (1,) + zshape)
 
-  def one_call(params, z, t, cond):  # what every sampler step calls (see api.sample_latents_fn)
-    x, context = unet_lib.hybrid_conditioning(z, cond)
-    return model.apply({"params": params}, x, jnp.full((1,), t), context=context)
-
-  call, call_flops, _ = compile_aot(jax.jit(one_call), params, z, jnp.int32(500), cond)
+  call, call_flops, _ = unet_call_flops(config, params)  # what every sampler step calls
   fns = {"call": lambda: call(params, z, jnp.int32(500), cond).block_until_ready()}
   steps = {"ddim": 50, "dpmpp_2m": dpm_steps, "ddpm": 1000}
   flops = {}
@@ -385,14 +403,10 @@ def case_overhead(report, args, dpm_steps):
     report.check(f"sampler overhead {sampler}-{n} (test UNet, 16³ latent)",
                  f"{ratio:.3f}", "≤ 1.03", ratio <= 1.03,
                  f"{fmt_s(times[sampler])} / ({n} × {t_call * 1e3:.2f} ms per jitted call); "
-                 f"XLA flops: sampler {flops[sampler] / 1e9:.2f} G vs {n} × call "
-                 f"{n * call_flops / 1e9:.2f} G")
+                 f"XLA flops of the scan program {flops[sampler] / 1e9:.3f} G vs one call "
+                 f"{call_flops / 1e9:.3f} G (the scan body is counted once)")
   ratio = times["ddpm"] / times["ddim"]
   report.check("DDPM-1000 / DDIM-50 time (test UNet)", f"{ratio:.1f}", "≥ 19", ratio >= 19)
-  report.notes.append(
-      "Cost analysis of a `lax.scan` sampler: compare its flop count with N × one call in the "
-      "overhead rows; where it is about one call, XLA counted the loop body once, and the "
-      "sampler rows' GFLOP/s then undercount by ~N.")
 
 
 def case_ae_step(report, args):
@@ -567,6 +581,7 @@ def case_memory(report, args):
     report.check(f"paper AE train step memory, batch 1, remat={remat}",
                  f"{gib(temp + arg + out):.2f} GiB", "", None,
                  f"compiled, not run (memory_analysis of the executable, compile {seconds:.0f} s):"
+                 f" XLA peak_memory {gib(getattr(m, 'peak_memory_in_bytes', 0)):.2f} GiB;"
                  f" temp {gib(temp):.2f} + arguments {gib(arg):.2f} + outputs {gib(out):.2f} GiB"
                  f"; outputs aliasing donated arguments {gib(alias):.2f} GiB, so "
                  f"{gib(temp + arg + out - alias):.2f} GiB live at once; XLA flops "
@@ -634,14 +649,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[1:]))
-  parser.add_argument("--cases", default=",".join(ALL_CASES))
+  parser.add_argument("--cases", default=None, help="default: all (--quick: all but memory)")
   parser.add_argument("--quick", action="store_true",
                       help="2 repeats and the paper UNet at width / 4")
   parser.add_argument("--repeats", type=int, default=0, help="default 3 (2 with --quick)")
   parser.add_argument("--threads", type=int, default=0, help="both libraries (0: all CPUs)")
   parser.add_argument("--paper_width_divisor", type=int, default=0,
                       help="paper UNet channels / this (default 1, 4 with --quick)")
-  parser.add_argument("--paper_latent", default="10,14,10")
+  parser.add_argument("--paper_latent", default="12,16,12",
+                      help="divisible by 4 (three UNet levels)")
   parser.add_argument("--memory_no_remat", action="store_true",
                       help="also compile the paper AE step without remat, for comparison")
   parser.add_argument("--dpm_steps", type=int, default=0,
@@ -651,6 +667,8 @@ def main():
   args = parser.parse_args()
   args.repeats = args.repeats or (2 if args.quick else 3)
   args.paper_width_divisor = args.paper_width_divisor or (4 if args.quick else 1)
+  if args.cases is None:  # --quick leaves out the paper-size compile (> 6 min on 2 cores)
+    args.cases = ",".join(c for c in ALL_CASES if not (args.quick and c == "memory"))
   cases = [c.strip() for c in args.cases.split(",") if c.strip()]
   unknown = sorted(set(cases) - set(ALL_CASES))
   if unknown:
@@ -675,8 +693,8 @@ def main():
   def log(name):
     print(f"[{time.perf_counter() - start:6.0f} s] {name}", flush=True)
 
-  for case in cases:
-    log(case)
+  def run_case(case):
+    nonlocal demo_sampling, dpm_steps
     if case == "unet_demo":
       from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
       case_unet(report, args, "UNet demo", demo_cfg.unet, ldm_stage.latent_shape(demo_cfg)[:-1])
@@ -704,13 +722,25 @@ def main():
       case_msssim(report, args)
     elif case == "memory":
       case_memory(report, args)
-  log("done")
 
-  text = markdown(report, info, args, time.perf_counter() - start)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
-  print("\n" + text)
+  def write():  # after every case, so an interrupted run still leaves its table
+    text = markdown(report, info, args, time.perf_counter() - start)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+      f.write(text)
+    return text
+
+  for case in cases:
+    log(case)
+    try:
+      run_case(case)
+    except Exception as e:  # pylint: disable=broad-except
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
+      report.notes.append(f"case {case} failed: {type(e).__name__}: {str(e)[:300]}")
+    write()
+  log("done")
+  print("\n" + write())
   print(f"wrote {args.out}")
 
 

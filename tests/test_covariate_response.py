@@ -6,6 +6,13 @@ of the first covariate, `z = 2·(c0 − 0.5) + 0.1·noise`, while the other cova
 and carry no information. DDIM samples from the same noise at c0 = 0 and c0 = 1 must then move
 the mean latent in the trained direction, by far more than (a) the spread that the noise alone
 gives and (b) the response to an uninformative covariate.
+
+The model predicts v (`diffusion.prediction_type = "v_prediction"`) instead of the preset's ε.
+With ε-prediction, 400 steps gave a covariate effect of only 0.25–0.5 (of 2), no larger than the
+spread between noise seeds (~0.3): the ε-MSE barely weights the high-noise steps, where only the
+covariate can tell the level, so the tiny network learns to read the level from x_t instead.
+With v (≈ −x̂_0 at high noise) the effect is 1.8 after 100 steps and 1.9 after 300, while noise
+seeds move the level by < 0.01 and the uninformative covariate by ~0.02.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from brain_ldm_jax import presets
 from brain_ldm_jax import sharding as sharding_lib
 from brain_ldm_jax.train import ldm as ldm_stage
 
-STEPS = 300
+STEPS = 200
 BATCH = 8
 NUM_SAMPLES = 8  # noise draws per covariate setting
 
@@ -34,6 +41,7 @@ def _config():
   config.train_ldm.learning_rate = 2e-3
   config.train_ldm.ema_decay = 0.9
   config.train_ldm.cond_drop_prob = 0.0
+  config.diffusion.prediction_type = "v_prediction"  # see the module docstring
   return config
 
 
@@ -79,7 +87,7 @@ def _mean_levels(config, params, settings, seed_of):
 
 def test_ldm_learns_and_follows_the_covariate(trained):
   config, state, first_loss, last_loss = trained
-  assert last_loss < 0.7 * first_loss, (first_loss, last_loss)
+  assert last_loss < 0.8 * first_loss, (first_loss, last_loss)
   # c0 at both ends; the same with other noise; the uninformative c1 at both ends.
   settings = [[0.0, 0.5, 0.5, 0.5], [1.0, 0.5, 0.5, 0.5], [1.0, 0.5, 0.5, 0.5],
               [0.5, 0.0, 0.5, 0.5], [0.5, 1.0, 0.5, 0.5]]
@@ -94,5 +102,5 @@ def test_ldm_learns_and_follows_the_covariate(trained):
         f"c1 effect {c1_effect:.3f}")
   assert effect > 1.0, effect  # the trained direction, at least half the trained size
   assert np.all(high - low > 0.5), high - low  # every noise draw moves the same way
-  assert effect > 5 * noise_level, (effect, noise_level)
-  assert effect > 4 * c1_effect, (effect, c1_effect)
+  assert effect > 10 * noise_level, (effect, noise_level)
+  assert effect > 10 * c1_effect, (effect, c1_effect)
