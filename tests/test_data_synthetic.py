@@ -61,8 +61,7 @@ def test_ground_truth_volumes_equal_label_counts(cohort):
     vent = np.count_nonzero(labels == synthetic.LABEL_VENTRICLE) * voxel_ml
     brain = np.count_nonzero(np.isin(labels, [synthetic.LABEL_GM, synthetic.LABEL_WM])) * voxel_ml
     assert float(row["ventricular_volume"]) == pytest.approx(vent, abs=1e-3)
-    assert float(row["brain_volume"]) == pytest.approx(
-        brain / float(row["head_scale"])**3, rel=1e-6, abs=2e-3)
+    assert float(row["brain_volume"]) == pytest.approx(brain, abs=1e-3)
     assert vent > 0
 
 
@@ -70,9 +69,11 @@ def test_ventricles_grow_and_brain_shrinks_with_age(cohort):
   _, rows = cohort
   age = [float(r["age"]) for r in rows]
   vent = [float(r["ventricular_volume"]) for r in rows]
-  brain = [float(r["brain_volume"]) for r in rows]
+  # Head size (sex and individual) hides most of the atrophy in raw brain volume, as in real
+  # cohorts; at a fixed head size the brain shrinks with age.
+  brain_at_head_size = [float(r["brain_volume"]) / float(r["head_scale"])**3 for r in rows]
   assert stats.spearmanr(age, vent).statistic > 0.5
-  assert stats.spearmanr(age, brain).statistic < -0.5
+  assert stats.spearmanr(age, brain_at_head_size).statistic < -0.5
   # Ventricles vary several-fold across the cohort, as in UK Biobank.
   assert max(vent) / min(vent) > 3
 

