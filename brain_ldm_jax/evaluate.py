@@ -471,7 +471,7 @@ def run_evaluate_job(config, workdir: str) -> dict:
 
   gen_titles = gen_ids
   if cond is not None:
-    gen_titles = [", ".join(f"{n[:4]}={v:.3g}" for n, v in zip(names, row)) for row in cond]
+    gen_titles = [figures.sample_title(dict(zip(names, row))) for row in cond]
   report = dict(
       run=dict(run_dir=os.path.abspath(run_dir), checkpoint=run.checkpoint,
                shape=list(data.shape), spacing=float(data.spacing), covariates=names,

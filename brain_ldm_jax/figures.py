@@ -226,6 +226,18 @@ def montage_array(volumes: Sequence[np.ndarray],
   return canvas
 
 
+def sample_title(covariates: dict) -> str:
+  """A short montage title: '71 y M, V 32 mL' (age, sex, ventricular volume when present)."""
+  parts = []
+  if "age" in covariates:
+    parts.append(f"{covariates['age']:.0f} y")
+  if "sex" in covariates:
+    parts.append("M" if covariates["sex"] >= 0.5 else "F")
+  if "ventricular_volume" in covariates:
+    parts.append(f"V {covariates['ventricular_volume']:.0f} mL")
+  return " ".join(parts)
+
+
 def save_montage_png(volumes: Sequence[np.ndarray],
                      path: str | os.PathLike,
                      titles: Sequence[str] | None = None,

@@ -41,6 +41,12 @@ SHAPES = {
     "unet10_512_512": (1, (10, 14, 10), 512, 512, 3, 1, (1, 1)),
     "1x1_20_256_512": (1, (20, 28, 20), 256, 512, 1, 1, (0, 0)),
     "1x1_40_16_32": (1, (40, 56, 40), 16, 32, 1, 1, (0, 0)),
+    # The paper's UNet widths on the benchmark's 12x16x12 latent (and its up path's concatenations).
+    "p12_256_256": (1, (12, 16, 12), 256, 256, 3, 1, (1, 1)),
+    "p12_512_256": (1, (12, 16, 12), 512, 256, 3, 1, (1, 1)),
+    "p6_512_512": (1, (6, 8, 6), 512, 512, 3, 1, (1, 1)),
+    "p3_768_768": (1, (3, 4, 3), 768, 768, 3, 1, (1, 1)),
+    "p3_1536_768": (1, (3, 4, 3), 1536, 768, 3, 1, (1, 1)),
 }
 
 
@@ -110,11 +116,13 @@ def _torch_fns(shape, threads):
 
 
 def default_impls(shape):
-  """im2col's 27-way concatenation is slow on XLA:CPU: time it only where it could win."""
+  """im2col's 27-way concatenation is slow on XLA:CPU: time it only where it could win (few
+  channels, or few voxels so that the concatenation is small beside the weights)."""
   b, spatial, cin, cout, k, s, pad = shape
   if k == 1:
-    return ["native", "im2col", "pointwise"]
-  return ["native", "depth_sum", "depth_fold"] + (["im2col"] if cin <= 8 else [])
+    return ["native", "im2col", "native_im2col"]
+  few = cin <= 8 or b * np.prod(spatial) <= 4096
+  return ["native", "depth_sum", "depth_fold"] + (["im2col", "native_im2col"] if few else [])
 
 
 def benchmark_shape(shape, impls, repeats, threads, with_torch):

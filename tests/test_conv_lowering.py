@@ -9,7 +9,7 @@ import pytest
 
 from brain_ldm_jax.nn import conv_lowering
 
-REWRITES = ("depth_sum", "depth_fold", "im2col", "pointwise")
+REWRITES = ("depth_sum", "depth_fold", "im2col", "native_im2col")
 
 # (kernel size, stride, padding per axis): the network's 3^3 conv, its stride-2 downsample, 1^3.
 CASES = [(3, 1, (1, 1)), (3, 2, (0, 1)), (1, 1, (0, 0)), (1, 2, (0, 0))]
@@ -63,23 +63,26 @@ def test_3d_lowering_matches_native(impl, k, stride, pad):
   _check_against_native(impl, (6, 7, 5), k, stride, pad)
 
 
-@pytest.mark.parametrize("stride,pad", [(1, (1, 1)), (2, (0, 1))])
-def test_chunked_kernel_grad_matches_native(monkeypatch, stride, pad):
-  # Chunks of one or two output depth slices: the slab bounds of every chunk are exercised.
+@pytest.mark.parametrize("stride,pad,min_rows,chunks", [(1, (1, 1), 80, (1, 6)),
+                                                          (2, (0, 1), 150, (2, 2))])
+def test_chunked_kernel_grad_matches_native(monkeypatch, stride, pad, min_rows, chunks):
+  # Chunks of one or two output depth slices (the stride-2 case pads its last chunk): the slab
+  # bounds of every chunk are exercised.
   monkeypatch.setattr(conv_lowering, "_DW_CHUNK_FLOATS", 1)
-  monkeypatch.setattr(conv_lowering, "_DW_CHUNK_MIN_ROWS", 80)
-  assert len(conv_lowering._depth_chunks(6, 70, 3)) == 6
+  monkeypatch.setattr(conv_lowering, "_DW_CHUNK_MIN_ROWS", min_rows)
+  d_out = (6 + sum(pad) - 3) // stride + 1
+  assert conv_lowering._depth_chunks(d_out, 70, 3) == chunks
   _check_against_native("depth_sum", (6, 7, 5), 3, stride, pad)
 
 
 def test_depth_chunks_cover_output_once():
-  for d_out, rows, cin in [(40, 2240, 16), (40, 2240, 128), (20, 560, 256), (5, 140, 512)]:
-    chunks = conv_lowering._depth_chunks(d_out, rows, cin)
-    covered = [i for lo, hi in chunks for i in range(lo, hi)]
-    assert covered == list(range(d_out))
+  for d_out, rows, cin in [(40, 2240, 16), (40, 2240, 128), (20, 560, 256), (5, 140, 512),
+                           (160, 35840, 64)]:
+    size, n = conv_lowering._depth_chunks(d_out, rows, cin)
+    assert (n - 1) * size < d_out <= n * size
   # The paper-width AE level splits; a small latent conv stays whole.
-  assert len(conv_lowering._depth_chunks(40, 2240, 128)) > 1
-  assert len(conv_lowering._depth_chunks(20, 560, 16)) == 1
+  assert conv_lowering._depth_chunks(40, 2240, 128)[1] > 1
+  assert conv_lowering._depth_chunks(20, 560, 16)[1] == 1
 
 
 @pytest.mark.parametrize("impl", ["auto", *REWRITES])
@@ -106,7 +109,8 @@ def test_choose_impl_rule():
   assert choose((1, 40, 56, 40, 16), (3, 3, 3, 16, 32), s1, "cpu") == "depth_fold"
   assert choose((1, 20, 28, 20, 7), (3, 3, 3, 7, 32), s1, "cpu") == "depth_fold"
   assert choose((1, 40, 56, 40, 1), (3, 3, 3, 1, 16), s1, "cpu") == "im2col"
-  assert choose((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1, "cpu") == "pointwise"
+  assert choose((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1, "cpu") == "native_im2col"
+  assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu") == "native_im2col"
   assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu") == "native"
   for platform in ("gpu", "cuda", "rocm", "tpu"):
     assert choose((1, 40, 56, 40, 16), (3, 3, 3, 16, 16), s1, platform) == "native"

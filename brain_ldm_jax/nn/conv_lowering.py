@@ -15,9 +15,11 @@ Lowerings of a 3D convolution (all exact: the same sums in another order):
   im2col      all taps folded into channels: one matmul (out_voxels, k^3*Cin) @ (k^3*Cin, Cout).
               XLA:CPU's 27-way concatenation is slow, so this pays only for 1^3 kernels (a plain
               matmul, no concatenation) and for Cin = 1 (the first layer).
-  pointwise   for 1^3 kernels: the native conv forward (XLA:CPU runs a 1^3 conv 1.2-1.6x faster than
-              the equivalent matmul) with im2col's matmul gradients (2-3x faster than the native
-              conv's). Exact for any kernel, but only meant for 1^3.
+  native_im2col  the native conv forward with im2col's matmul gradients. For 1^3 kernels (XLA:CPU
+              runs a 1^3 conv 1.2-1.6x faster than the equivalent matmul, and its gradients 2-3x
+              slower) and for tiny volumes such as the paper UNet's 3x4x3 level (768 channels: the
+              native forward 2.7x faster than depth_sum's three 2D convs; im2col's 27 taps of 36
+              voxels are a small copy beside 64 MB of weights).
 2D (or 1D) inputs always use the native convolution.
 
 The rewrites' custom VJP has no forward-mode rule (jax.jvp / jacfwd raise); use impl="native" for
@@ -32,8 +34,9 @@ import functools
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLS = ("auto", "native", "depth_sum", "depth_fold", "im2col", "pointwise")
+IMPLS = ("auto", "native", "depth_sum", "depth_fold", "im2col", "native_im2col")
 
 # `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512).
 # At small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
@@ -42,10 +45,14 @@ IMPLS = ("auto", "native", "depth_sum", "depth_fold", "im2col", "pointwise")
 _FOLD_MAX_CIN = 16
 # At Cin = 1 even all 27 taps make only 27 channels: one matmul beats both (fwd+bwd 14x vs 11x).
 _IM2COL_MAX_CIN = 1
+# At most this many output voxels (batch included), native_im2col: fwd+bwd at 3x4x3, 768 -> 768
+# channels 65 ms vs depth_sum 122 ms and torch 60 ms; at 6x8x6 (288 voxels) depth_sum is ahead.
+_TINY_MAX_VOXELS = 128
 
 # Kernel-gradient chunks hold about this many input floats (rows * Cin): ~1 MiB, Zen 4's L2.
 _DW_CHUNK_FLOATS = 1 << 18
 _DW_CHUNK_MIN_ROWS = 2048
+_DW_MAX_CHUNKS = 8
 
 
 def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
@@ -68,8 +75,8 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
   del strides  # depth_sum won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
   if platform != "cpu" or len(x_shape) != 5:
     return "native"
-  if all(k == 1 for k in kernel_shape[:3]):
-    return "pointwise"
+  if all(k == 1 for k in kernel_shape[:3]) or np.prod(x_shape[:4]) <= _TINY_MAX_VOXELS:
+    return "native_im2col"
   if kernel_shape[3] <= _IM2COL_MAX_CIN:
     return "im2col"
   if kernel_shape[3] <= _FOLD_MAX_CIN:
@@ -148,21 +155,27 @@ def _im2col(x, kernel, strides, padding):
 
 
 def _depth_chunks(d_out, rows_per_slice, cin):
-  """Balanced [start, stop) ranges of output depth slices for the kernel gradient."""
+  """(chunk size, number of chunks) in output depth slices for the kernel gradient."""
   target_rows = max(_DW_CHUNK_MIN_ROWS, _DW_CHUNK_FLOATS // max(cin, 1))
-  n_chunks = min(d_out, max(1, -(-d_out * rows_per_slice // target_rows)))
+  n_chunks = min(d_out, _DW_MAX_CHUNKS, max(1, -(-d_out * rows_per_slice // target_rows)))
   size = -(-d_out // n_chunks)
-  return [(lo, min(lo + size, d_out)) for lo in range(0, d_out, size)]
+  return size, -(-d_out // size)
 
 
 def _chunked_kernel_grad(lowering, x, kernel, ct, strides, padding):
-  """d(conv)/d(kernel) as a sum over output-depth chunks of the lowering's own kernel grad."""
+  """d(conv)/d(kernel) as a sum over output-depth chunks of the lowering's own kernel grad.
+
+  The chunks are unrolled: in a `lax.fori_loop` the same kernel grads ran 10-20x slower on
+  XLA:CPU. `_DW_MAX_CHUNKS` bounds the copies (and so the compile time) at large volumes.
+  """
   kd, sd = kernel.shape[0], strides[0]
+  d_out = ct.shape[1]
+  size, _ = _depth_chunks(d_out, ct.shape[0] * ct.shape[2] * ct.shape[3], x.shape[-1])
   xp = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
   no_depth_pad = ((0, 0), *padding[1:])
   dw = None
-  for lo, hi in _depth_chunks(ct.shape[1], ct.shape[0] * ct.shape[2] * ct.shape[3],
-                              x.shape[-1]):
+  for lo in range(0, d_out, size):
+    hi = min(lo + size, d_out)
     # Output slices [lo, hi) read the padded input slices [lo * sd, (hi - 1) * sd + kd).
     x_slab = lax.slice_in_dim(xp, lo * sd, (hi - 1) * sd + kd, axis=1)
     _, vjp = jax.vjp(lambda k, x_slab=x_slab: lowering(x_slab, k, strides, no_depth_pad), kernel)
@@ -193,25 +206,25 @@ def _with_chunked_vjp(lowering):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _pointwise(x, kernel, strides, padding):
+def _native_im2col(x, kernel, strides, padding):
   return _native(x, kernel, strides, padding)
 
 
-def _pointwise_fwd(x, kernel, strides, padding):
+def _native_im2col_fwd(x, kernel, strides, padding):
   return _native(x, kernel, strides, padding), (x, kernel)
 
 
-def _pointwise_bwd(strides, padding, res, ct):
+def _native_im2col_bwd(strides, padding, res, ct):
   # im2col is linear in (x, kernel) separately: its vjp needs no forward values.
   _, vjp = jax.vjp(lambda x, k: _im2col(x, k, strides, padding), *res)
   return vjp(ct)
 
 
-_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+_native_im2col.defvjp(_native_im2col_fwd, _native_im2col_bwd)
 
 _LOWERINGS = {
     "depth_sum": _with_chunked_vjp(_depth_sum),
     "depth_fold": _with_chunked_vjp(_depth_fold),
     "im2col": _im2col,
-    "pointwise": _pointwise,
+    "native_im2col": _native_im2col,
 }

@@ -160,4 +160,5 @@ def build(config, mesh, key, perceptual_fn=None):
     # step_number counts from 1; the adversarial loss starts after adv_start_step steps.
     return (adversarial_step if step_number > t.adv_start_step else warmup_step)(state, batch)
 
-  return dict(autoencoder=autoencoder, disc=disc, init=init, abstract=abstract, step=step)
+  return dict(autoencoder=autoencoder, disc=disc, init=init, abstract=abstract, step=step,
+              warmup_step=warmup_step, adversarial_step=adversarial_step)

@@ -69,7 +69,7 @@ def train_autoencoder(config, workdir, mesh, train, stats, meta):
   def images(state, batch):
     recon = np.asarray(reconstruct(state.params, batch["image"][:2]))[..., 0]
     real = np.asarray(batch["image"][:2])[..., 0]
-    return _montage_images(np.concatenate([real, recon]), "inputs (left) and reconstructions (right)")
+    return _montage_images(np.concatenate([real, recon]), "inputs_then_reconstructions")
 
   stage = loop.Stage(name="autoencoder", directory=os.path.join(workdir, api.AE_DIR),
                      num_steps=t.num_steps, log_every=t.log_every,
@@ -143,18 +143,6 @@ def train_ldm(config, workdir, mesh, train, stats, autoencoder, ae_params, scale
   return loop.run_stage(stage, loader, data_iterator=loader)
 
 
-def sample_title(covariates: dict) -> str:
-  """A short montage title: '71 y M, V 32 mL' (age, sex, ventricular volume when present)."""
-  parts = []
-  if "age" in covariates:
-    parts.append(f"{covariates['age']:.0f} y")
-  if "sex" in covariates:
-    parts.append("M" if covariates["sex"] >= 0.5 else "F")
-  if "ventricular_volume" in covariates:
-    parts.append(f"V {covariates['ventricular_volume']:.0f} mL")
-  return " ".join(parts)
-
-
 def write_samples(run: api.Run, val, out_dir: str, num_samples: int, seed: int) -> list[str]:
   """Samples for the first validation subjects' covariates, as NIfTI and one PNG montage."""
   names = tuple(run.config.data.covariates)
@@ -169,7 +157,7 @@ def write_samples(run: api.Run, val, out_dir: str, num_samples: int, seed: int) 
     path = os.path.join(out_dir, f"sample-{i:03d}.nii.gz")
     nifti.save_volume(path, volume, run.affine)
     paths.append(path)
-  titles = [sample_title(dict(zip(names, row))) for row in cond]
+  titles = [figures.sample_title(dict(zip(names, row))) for row in cond]
   figures.save_montage_png(list(volumes), os.path.join(out_dir, "samples.png"), titles=titles,
                            window=(0.0, 1.0))
   logging.info("wrote %d samples and samples.png to %s", len(paths), out_dir)
