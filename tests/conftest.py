@@ -15,3 +15,16 @@ def import_reference(name: str):
   if os.environ.get(SKIP_PARITY_ENV) == "1":
     pytest.skip(f"{SKIP_PARITY_ENV}=1: parity against {name} skipped on request")
   return importlib.import_module(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+  """XLA's persistent compilation cache for the CLI runs that tests start in subprocesses.
+
+  Many of them run the same programs (same config and device count): each compiles once. The
+  test process itself has already imported jax, so it is unaffected.
+  """
+  path = str(tmp_path_factory.mktemp("xla_compilation_cache"))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", path)
+    yield path

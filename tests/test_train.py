@@ -26,13 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
 
 # A few steps of each stage, the adversarial loss on from the start (one AE program to compile),
-# a checkpoint per step.
+# a checkpoint per step, a two-level UNet (these tests are about layouts and restarts; a smaller
+# program compiles in half the time).
 BASE_FLAGS = (
     "--config.train_ae.num_steps=3", "--config.train_ae.adv_start_step=0",
     "--config.train_ae.batch_size=4", "--config.train_ae.checkpoint_every=1",
     "--config.train_ldm.num_steps=3", "--config.train_ldm.batch_size=4",
     "--config.train_ldm.checkpoint_every=1",
     "--config.stages=('autoencoder','ldm')",
+    "--config.unet.channels=(8,8)", "--config.unet.attention_levels=(False,True)",
+    "--config.unet.num_head_channels=(0,8)",
 )
 
 

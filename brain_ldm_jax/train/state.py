@@ -16,11 +16,21 @@ import optax
 from brain_ldm_jax import sharding as sharding_lib
 
 
+# Initialisation runs once and is mostly threefry draws, one per parameter: compiled without LLVM
+# optimisation it compiles 2x faster (the test UNet on CPU: 26 s -> 12 s). The draws are the same;
+# their scaling to the init range may round differently in the last bit (no FMA contraction).
+ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def init_sharded(init_fn: Callable[[], Any], mesh, min_size: int) -> tuple[Any, Any, Any]:
   """(init, shardings, abstract state): `init()` builds the state directly in its layout."""
   abstract = jax.eval_shape(init_fn)
   shardings = sharding_lib.param_shardings(abstract, mesh, min_size)
-  init = jax.jit(init_fn, out_shardings=shardings)
+  jitted = jax.jit(init_fn, out_shardings=shardings)
+
+  def init():
+    return jitted.lower().compile(compiler_options=ONCE_COMPILER_OPTIONS)()
+
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return init, shardings, abstract
