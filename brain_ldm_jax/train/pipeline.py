@@ -32,10 +32,12 @@ SAMPLES_DIR = "samples"
 
 def prepare_data(config, workdir: str):
   """(train subjects, validation subjects, covariate statistics), the cohort made if needed."""
-  if not config.data.data_dir:
-    data_dir = synthetic.ensure_cohort(config, workdir)
-    with config.unlocked():
-      config.data.data_dir = data_dir
+  data_dir = config.data.data_dir or synthetic.ensure_cohort(config, workdir)
+  # Absolute paths: run.json must find the cohort again from any working directory.
+  with config.unlocked():
+    config.data.data_dir = os.path.abspath(data_dir)
+    if config.data.participants_tsv:
+      config.data.participants_tsv = os.path.abspath(config.data.participants_tsv)
   subjects = manifest.load_cohort(config.data)
   train, val = manifest.split_subjects(subjects, config.data.val_fraction, config.data.split_seed)
   stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
