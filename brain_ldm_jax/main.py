@@ -60,10 +60,11 @@ def resolve_job(name: str):
 
 
 class _QuietLibraries:
-  """Drops INFO records from orbax and grain: they log every file operation, which buries our
-  progress lines. Their warnings and errors still show."""
+  """Drops INFO records from orbax, grain and jax's backend probe: they log every file operation
+  (and every platform that is absent), which buries our progress lines. Their warnings and errors
+  still show."""
 
-  _NOISY = ("/orbax/", "/grain/")
+  _NOISY = ("/orbax/", "/grain/", "/jax/_src/xla_bridge.py")
 
   def filter(self, record) -> bool:
     return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
