@@ -92,7 +92,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    res_block = nn.remat(AEResBlock) if self.remat else AEResBlock
+    res_block = layers.remat(AEResBlock) if self.remat else AEResBlock
     kw = dict(dtype=self.dtype)
     i = 0
 
@@ -139,7 +139,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
-    res_block = nn.remat(AEResBlock) if self.remat else AEResBlock
+    res_block = layers.remat(AEResBlock) if self.remat else AEResBlock
     kw = dict(dtype=self.dtype)
     i = 0
 

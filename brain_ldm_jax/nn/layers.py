@@ -12,6 +12,7 @@ for weights and biases) so a freshly initialised network trains like MONAI's.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -274,6 +275,51 @@ class SpatialAttentionBlock(nn.Module):
     h = h.reshape(x.shape[0], -1, c)
     h = SelfAttention(heads, qkv_bias=True, dtype=self.dtype, name="attn")(h)
     return h.reshape(x.shape).astype(x.dtype) + x
+
+
+@functools.cache
+def remat(cls: type[nn.Module]) -> type[nn.Module]:
+  """`cls` recomputed in the backward pass: only its inputs and variables are kept for it.
+
+  Unlike `nn.remat`, this survives XLA:CPU, which expands `jax.checkpoint`'s optimization barriers
+  before common-subexpression elimination, so CSE merges the recomputation back into the forward
+  pass and the activations stay alive (the paper AE step needed as much memory with remat as
+  without). Here the recomputation takes its inputs through a data dependence on the cotangent,
+  which no pass can hoist into the forward pass or merge with it; it costs one elementwise add.
+  Parameter names, values and gradients are those of `cls` (a non-finite cotangent makes the
+  input gradient non-finite, as it would be anyway).
+  """
+
+  def call(module, *args):
+    return cls.__call__(module, *args)
+
+  class Recomputed(cls):
+
+    def __call__(self, *args):
+      unbound = self.clone(parent=None, name=None)
+
+      def forward(module, *args):
+        return call(module, *args), (module.variables, args)
+
+      def backward(residuals, ct):
+        variables, args = residuals
+        args = _after(args, ct)
+        _, vjp = jax.vjp(lambda v, *a: unbound.apply(v, *a, method=call), variables, *args)
+        variables_ct, *args_ct = vjp(ct)
+        return ({"params": variables_ct["params"]}, *args_ct)
+
+      return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(self, *args)
+
+  Recomputed.__name__ = Recomputed.__qualname__ = cls.__name__
+  return Recomputed
+
+
+def _after(tree: Any, ct: Any) -> Any:
+  """`tree` plus 0 * (one element of `ct`): the same values, computable only once `ct` exists."""
+  probe = jax.tree_util.tree_leaves(ct)[0].reshape(-1)[0].astype(jnp.float32)
+  zero = jnp.zeros((), jnp.float32) * probe  # XLA folds x * 0 only for integers (NaN, inf)
+  return jax.tree_util.tree_map(
+      lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
 
 
 def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:

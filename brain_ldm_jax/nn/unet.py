@@ -127,7 +127,7 @@ class SpatialTransformer(nn.Module):
     h = layers.Conv(inner, 1, dtype=self.dtype, impl=self.conv_impl, name="proj_in")(h)
     spatial = h.shape[1:-1]
     h = h.reshape(h.shape[0], -1, inner)
-    block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    block = layers.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(self.num_layers):
       h = block(self.num_heads, self.upcast_attention, dtype=self.dtype,
                 name=f"transformer_blocks_{i}")(h, context)
@@ -171,7 +171,7 @@ class _Level(nn.Module):
   @nn.compact
   def __call__(self, h, emb, context, skips=None):
     groups, eps, updown, n_layers, upcast, remat = self.cfg
-    res_block = nn.remat(ResnetBlock) if remat else ResnetBlock
+    res_block = layers.remat(ResnetBlock) if remat else ResnetBlock
     kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     outputs = []
     skips = list(skips) if skips is not None else None
@@ -209,7 +209,7 @@ class _MidBlock(nn.Module):
   @nn.compact
   def __call__(self, h, emb, context):
     groups, eps, _, n_layers, upcast, remat = self.cfg
-    res_block = nn.remat(ResnetBlock) if remat else ResnetBlock
+    res_block = layers.remat(ResnetBlock) if remat else ResnetBlock
     kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     c = h.shape[-1]
     h = res_block(c, groups, eps, name="resnet_1", **kw)(h, emb)
