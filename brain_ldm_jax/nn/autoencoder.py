@@ -44,10 +44,10 @@ class AEResBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda f, k, name: layers.Conv(f, k, padding=k // 2, dtype=self.dtype,  # noqa: E731
                                           impl=self.conv_impl, name=name)
-    norm = lambda name: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
-                                         dtype=self.dtype, name=name)
-    h = conv(self.out_channels, 3, "conv1")(nn.silu(norm("norm1")(x)))
-    h = conv(self.out_channels, 3, "conv2")(nn.silu(norm("norm2")(h)))
+    norm_silu = lambda name: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
+                                              silu=True, dtype=self.dtype, name=name)
+    h = conv(self.out_channels, 3, "conv1")(norm_silu("norm1")(x))
+    h = conv(self.out_channels, 3, "conv2")(norm_silu("norm2")(h))
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 1, "nin_shortcut")(x)
     return x.astype(h.dtype) + h

@@ -117,10 +117,16 @@ class Linear(nn.Module):
 
 
 class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm on channels-last input: contiguous channel groups, biased variance."""
+  """torch.nn.GroupNorm on channels-last input: contiguous channel groups, biased variance.
+
+  `silu=True` applies SiLU to the output (MONAI's norm -> SiLU pairs) inside the same custom VJP,
+  whose backward pass keeps only the input and per-group statistics and recomputes the rest in
+  one fused pass: fewer full-size buffers than autodiff's (x - mean, x_hat, pre-activation).
+  """
   num_groups: int
   epsilon: float = 1e-6
   affine: bool = True
+  silu: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -128,15 +134,62 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
-    g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
-    mean = g.mean(axis=(1, 3), keepdims=True)
-    # Two-pass variance: as accurate as PyTorch's on inputs with a large mean.
-    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
-    y = ((g - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
     if self.affine:
-      y = y * self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-      y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+      scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    else:
+      scale, bias = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
+    y = group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu)
     return y.astype(self.dtype)
+
+
+def _group_stats(x, num_groups, eps):
+  """x as (B, voxels, groups, channels per group) in float32, its group means and 1/std."""
+  g = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+  mean = g.mean(axis=(1, 3), keepdims=True)
+  # Two-pass variance: as accurate as PyTorch's on inputs with a large mean.
+  var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+  return g, mean, lax.rsqrt(var + eps)
+
+
+def _affine(g, mean, rstd, scale, bias):
+  x_hat = (g - mean) * rstd
+  cg = g.shape[-1]
+  return x_hat, x_hat * scale.reshape(-1, cg) + bias.reshape(-1, cg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, scale, bias, num_groups: int, eps: float, silu: bool):
+  """GroupNorm (+ SiLU) in float32, channels last; the output has x's shape, float32."""
+  g, mean, rstd = _group_stats(x, num_groups, eps)
+  y = _affine(g, mean, rstd, scale, bias)[1]
+  return (nn.silu(y) if silu else y).reshape(x.shape)
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, eps, silu):
+  g, mean, rstd = _group_stats(x, num_groups, eps)
+  y = _affine(g, mean, rstd, scale, bias)[1]
+  return (nn.silu(y) if silu else y).reshape(x.shape), (x, mean, rstd, scale, bias)
+
+
+def _group_norm_bwd(num_groups, eps, silu, residuals, ct):
+  del eps
+  x, mean, rstd, scale, bias = residuals
+  g = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+  x_hat, y = _affine(g, mean, rstd, scale, bias)
+  dy = ct.astype(jnp.float32).reshape(g.shape)
+  if silu:
+    sig = jax.nn.sigmoid(y)
+    dy = dy * sig * (1 + y * (1 - sig))
+  dscale = jnp.sum(dy * x_hat, axis=(0, 1)).reshape(-1)
+  dbias = jnp.sum(dy, axis=(0, 1)).reshape(-1)
+  dx_hat = dy * scale.reshape(-1, g.shape[-1])
+  dx = rstd * (dx_hat - dx_hat.mean(axis=(1, 3), keepdims=True)
+               - x_hat * (dx_hat * x_hat).mean(axis=(1, 3), keepdims=True))
+  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class LayerNorm(nn.Module):

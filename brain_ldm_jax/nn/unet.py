@@ -58,9 +58,9 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-    norm = lambda name: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
-                                         dtype=self.dtype, name=name)
-    h = nn.silu(norm("norm1")(x))
+    norm_silu = lambda name: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
+                                              silu=True, dtype=self.dtype, name=name)
+    h = norm_silu("norm1")(x)
     if self.up:
       x, h = layers.upsample_nearest2(x), layers.upsample_nearest2(h)
     elif self.down:
@@ -69,7 +69,7 @@ class ResnetBlock(nn.Module):
                     name="conv1")(h)
     temb = layers.Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))
     h = h + temb.reshape((temb.shape[0],) + (1,) * (h.ndim - 2) + (-1,))
-    h = nn.silu(norm("norm2")(h))
+    h = norm_silu("norm2")(h)
     h = layers.Conv(self.out_channels, 3, padding=1, zero_init=True, dtype=self.dtype,
                     impl=self.conv_impl, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
@@ -333,7 +333,8 @@ class DiffusionModelUNet(nn.Module):
                  up=True, cfg=cfg, name=f"up_blocks_{i}", **kw)(h, emb, context, take)
 
     # 5. out.
-    h = nn.silu(layers.GroupNorm(self.norm_num_groups, self.norm_eps, dtype=dtype, name="out_0")(h))
+    h = layers.GroupNorm(self.norm_num_groups, self.norm_eps, silu=True, dtype=dtype,
+                         name="out_0")(h)
     h = layers.Conv(self.out_channels, 3, padding=1, zero_init=True, dtype=dtype, impl=self.conv_impl,
                     name="out_2")(h)
     return h.astype(jnp.float32)
