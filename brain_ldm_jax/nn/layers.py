@@ -368,11 +368,20 @@ def remat(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def _after(tree: Any, ct: Any) -> Any:
-  """`tree` plus 0 * (one element of `ct`): the same values, computable only once `ct` exists."""
-  probe = jax.tree_util.tree_leaves(ct)[0].reshape(-1)[0].astype(jnp.float32)
+  """`tree` plus 0 * (one element of `ct` per example): the same values, computable only once
+  `ct` exists. Per example, so that under batch sharding the tie stays on each device."""
+  leaf = jax.tree_util.tree_leaves(ct)[0]
+  probe = leaf.reshape(leaf.shape[0], -1)[:, 0].astype(jnp.float32)
   zero = jnp.zeros((), jnp.float32) * probe  # XLA folds x * 0 only for integers (NaN, inf)
-  return jax.tree_util.tree_map(
-      lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
+
+  def tie(a):
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+      return a
+    z = zero.reshape((-1,) + (1,) * (a.ndim - 1)) if a.ndim and a.shape[0] == zero.shape[0] \
+        else zero[0]
+    return a + z.astype(a.dtype)
+
+  return jax.tree_util.tree_map(tie, tree)
 
 
 def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
