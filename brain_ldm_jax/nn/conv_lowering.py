@@ -8,10 +8,12 @@ Lowerings of a 3D convolution (all exact: the same sums in another order):
   native      lax.conv_general_dilated in 3D.
   depth_sum   sum over the kd depth taps of 2D convs on shifted depth slices (depth folded into
               batch). Custom VJP: the input grad is the autodiff of this lowering; the kernel grad is
-              the same, summed over output-depth chunks (XLA:CPU's kernel-grad conv is several times
-              slower when its contraction runs over a whole 40x56x40 volume).
-  depth_fold  the kd depth taps folded into channels: one 2D conv with kd*Cin input channels. Same
-              custom VJP. Best where Cin is small (the first layer, the latent input).
+              the per-tap 2D kernel grads summed over output-depth chunks (XLA:CPU's kernel-grad
+              conv is several times slower when its contraction runs over a whole 40x56x40 volume),
+              read from a channels-major copy of the input made once in the forward pass.
+  depth_fold  the kd depth taps folded into channels: one 2D conv with kd*Cin input channels. Custom
+              VJP with chunked kernel grads of the lowering itself. Best where Cin is small (the
+              latent input).
   im2col      all taps folded into channels: one matmul (out_voxels, k^3*Cin) @ (k^3*Cin, Cout).
               XLA:CPU's 27-way concatenation is slow, so this pays only for 1^3 kernels (a plain
               matmul, no concatenation) and for Cin = 1 (the first layer).
@@ -40,9 +42,10 @@ IMPLS = ("auto", "native", "depth_sum", "depth_fold", "im2col", "native_im2col")
 
 # `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512).
 # At small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
-# channels gives them 3x more (fwd+bwd vs native: 7->32 at 20x28x20 10x vs 7x; 16->32 at 40x56x40
-# 4.2x vs 3.0x). From 32 channels on depth_sum wins or ties (32->32 B=2 at 40x56x40: 5.0x vs 3.5x).
-_FOLD_MAX_CIN = 16
+# channels gives them 3x more (fwd+bwd vs native: 7->32 at 20x28x20 10x vs 7x). Since depth_sum's
+# kernel gradient reads a channels-major copy of its input, it wins from 16 channels on (demo AE
+# train step 1.82 -> 1.54 s with 16-channel convs moved from depth_fold to depth_sum).
+_FOLD_MAX_CIN = 8
 # At Cin = 1 even all 27 taps make only 27 channels: one matmul beats both (fwd+bwd 14x vs 11x).
 _IM2COL_MAX_CIN = 1
 # At most this many output voxels (batch included), native_im2col: fwd+bwd at 3x4x3, 768 -> 768
@@ -184,6 +187,64 @@ def _chunked_kernel_grad(lowering, x, kernel, ct, strides, padding):
   return dw
 
 
+def _channels_major(x, padding):
+  """x depth-padded and laid out (Cin, H, W, B, D): the layout XLA:CPU's kernel-gradient conv
+  reads its input in, made once in the forward pass."""
+  xp = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+  return jnp.transpose(xp, (4, 2, 3, 0, 1))
+
+
+def _depth_sum_kernel_grad(x_cm, kernel, ct, strides, padding):
+  """d(depth_sum)/d(kernel) from the channels-major input, in output-depth chunks.
+
+  Each depth tap's 2D kernel gradient reads a depth slice of `x_cm`: a plain strided copy. With
+  the input in its natural layout XLA:CPU transposed every (chunk, tap) slice instead, and fused
+  the producer's GroupNorm and SiLU into each of those transposes (a quarter of the AE step).
+  """
+  kd, sd = kernel.shape[0], strides[0]
+  cin, _, _, b, _ = x_cm.shape
+  d_out = ct.shape[1]
+  size, _ = _depth_chunks(d_out, ct.shape[0] * ct.shape[2] * ct.shape[3], cin)
+  dw = [None] * kd
+  for lo in range(0, d_out, size):
+    hi = min(lo + size, d_out)
+    ct_chunk = lax.slice_in_dim(ct, lo, hi, axis=1)
+    ct_chunk = ct_chunk.reshape(-1, *ct_chunk.shape[2:])
+    for z in range(kd):
+      xs = lax.slice_in_dim(x_cm, lo * sd + z, (hi - 1) * sd + z + 1, sd, axis=4)
+      # Back to (B * depth, H, W, Cin): XLA folds this transpose into the one its kernel-gradient
+      # conv applies, so the two cancel.
+      xs = jnp.transpose(xs.reshape(*xs.shape[:3], -1), (3, 1, 2, 0))
+      _, vjp = jax.vjp(lambda k, xs=xs: _native(xs, k, strides[1:], padding[1:]), kernel[z])
+      (part,) = vjp(ct_chunk)
+      dw[z] = part if dw[z] is None else dw[z] + part
+  return jnp.stack(dw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depth_sum_vjp(x, kernel, strides, padding):
+  return _depth_sum(x, kernel, strides, padding)
+
+
+def _depth_sum_vjp_fwd(x, kernel, strides, padding):
+  return _depth_sum(x, kernel, strides, padding), (_channels_major(x, padding), kernel)
+
+
+def _depth_sum_vjp_bwd(strides, padding, res, ct):
+  x_cm, kernel = res
+  cin, h, w, b, dp = x_cm.shape
+  lo, hi = padding[0]
+  x_shape = (b, dp - lo - hi, h, w, cin)
+  # The conv is linear in x: its input gradient needs only the shape of x.
+  _, vjp_x = jax.vjp(lambda x: _depth_sum(x, kernel, strides, padding),
+                     jnp.zeros(x_shape, ct.dtype))
+  (dx,) = vjp_x(ct)
+  return dx, _depth_sum_kernel_grad(x_cm, kernel, ct, strides, padding)
+
+
+_depth_sum_vjp.defvjp(_depth_sum_vjp_fwd, _depth_sum_vjp_bwd)
+
+
 def _with_chunked_vjp(lowering):
   """The lowering with a custom VJP: input grad by autodiff, kernel grad in depth chunks."""
 
@@ -223,7 +284,7 @@ def _native_im2col_bwd(strides, padding, res, ct):
 _native_im2col.defvjp(_native_im2col_fwd, _native_im2col_bwd)
 
 _LOWERINGS = {
-    "depth_sum": _with_chunked_vjp(_depth_sum),
+    "depth_sum": _depth_sum_vjp,
     "depth_fold": _with_chunked_vjp(_depth_fold),
     "im2col": _im2col,
     "native_im2col": _native_im2col,
