@@ -73,6 +73,7 @@ def set_threads(threads: int) -> int:
   threads = min(threads or len(cpus), len(cpus))
   if threads < len(cpus):
     os.sched_setaffinity(0, cpus[:threads])
+  os.environ["OMP_NUM_THREADS"] = str(threads)  # oneDNN's convolutions (GNU OpenMP)
   if threads == 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false").strip()
@@ -114,10 +115,12 @@ def compile_aot(fn, *args):
 
 
 def xla_flops(compiled) -> float:
+  """XLA's cost-analysis flops plus those of the oneDNN convolutions, which it counts as zero."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
+  from brain_ldm_jax.nn import onednn  # pylint: disable=g-import-not-at-top
+  return float((cost or {}).get("flops", float("nan"))) + onednn.hlo_flops(compiled.as_text())
 
 
 def torch_nchw(x: np.ndarray):

@@ -1,11 +1,16 @@
 """How a convolution becomes XLA operations: the one swappable place for conv lowering.
 
 Every convolution in the networks goes through `conv`. On GPU/TPU the native convolution is the
-fast path (cuDNN / the TPU convolution unit); on CPU, exact rewrites of a 3D convolution beat
-XLA's native one (see DESIGN.md §5), so `impl="auto"` picks per backend with `choose_impl`.
+fast path (cuDNN / the TPU convolution unit). On CPU, XLA's native 3D convolution is 2-10x slower
+than PyTorch's (see DESIGN.md §5): `impl="auto"` uses oneDNN's convolutions through an XLA custom
+call (`onednn.py`) where that is available, and exact rewrites into XLA operations where it is not.
+`choose_impl` holds the rule.
 
 Lowerings of a 3D convolution (all exact: the same sums in another order):
   native      lax.conv_general_dilated in 3D.
+  onednn      oneDNN's direct convolution, forward and both gradients, as an XLA FFI custom call
+              (CPU, float32). 1-2x torch's speed and 2-100x native's, at every shape the networks use
+              except the tiny volumes below.
   depth_sum   sum over the kd depth taps of 2D convs on shifted depth slices (depth folded into
               batch). Custom VJP: the input grad is the autodiff of this lowering; the kernel grad is
               the per-tap 2D kernel grads summed over output-depth chunks (XLA:CPU's kernel-grad
@@ -38,10 +43,12 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "native", "depth_sum", "depth_fold", "im2col", "native_im2col")
+from brain_ldm_jax.nn import onednn
 
-# `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512).
-# At small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
+IMPLS = ("auto", "native", "onednn", "depth_sum", "depth_fold", "im2col", "native_im2col")
+
+# `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512). Without
+# oneDNN: at small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
 # channels gives them 3x more (fwd+bwd vs native: 7->32 at 20x28x20 10x vs 7x). Since depth_sum's
 # kernel gradient reads a channels-major copy of its input, it wins from 16 channels on (demo AE
 # train step 1.82 -> 1.54 s with 16-channel convs moved from depth_fold to depth_sum).
@@ -49,7 +56,7 @@ _FOLD_MAX_CIN = 8
 # At Cin = 1 even all 27 taps make only 27 channels: one matmul beats both (fwd+bwd 14x vs 11x).
 _IM2COL_MAX_CIN = 1
 # At most this many output voxels (batch included), native_im2col: fwd+bwd at 3x4x3, 768 -> 768
-# channels 65 ms vs depth_sum 122 ms and torch 60 ms; at 6x8x6 (288 voxels) depth_sum is ahead.
+# channels 73 ms vs onednn 107 ms and depth_sum 125 ms; at 6x8x6 (288 voxels) the others are ahead.
 _TINY_MAX_VOXELS = 128
 
 # Kernel-gradient chunks hold about this many input floats (rows * Cin): ~1 MiB, Zen 4's L2.
@@ -66,19 +73,31 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if impl == "auto":
-    impl = choose_impl(x.shape, kernel.shape, strides, _platform(x))
+    platform = _platform(x)
+    use_onednn = (platform == "cpu" and x.dtype == kernel.dtype == jnp.float32
+                  and onednn.available())
+    impl = choose_impl(x.shape, kernel.shape, strides, platform, onednn=use_onednn)
   if impl == "native" or x.ndim != 5:
     return _native(x, kernel, strides, padding)
+  if impl == "onednn":
+    return onednn.conv(x, kernel, strides, padding)
   return _LOWERINGS[impl](x, kernel, strides, padding)
 
 
 def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
-                platform: str) -> str:
-  """The lowering `auto` uses: a static rule from scripts/benchmark_conv.py measurements."""
-  del strides  # depth_sum won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
+                platform: str, *, onednn: bool = False) -> str:
+  """The lowering `auto` uses: a static rule from scripts/benchmark_conv.py measurements.
+
+  `onednn`: whether the oneDNN custom call may be used (CPU, float32, library available).
+  """
+  del strides  # the rewrites won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
   if platform != "cpu" or len(x_shape) != 5:
     return "native"
-  if all(k == 1 for k in kernel_shape[:3]) or np.prod(x_shape[:4]) <= _TINY_MAX_VOXELS:
+  if np.prod(x_shape[:4]) <= _TINY_MAX_VOXELS:
+    return "native_im2col"
+  if onednn:
+    return "onednn"
+  if all(k == 1 for k in kernel_shape[:3]):
     return "native_im2col"
   if kernel_shape[3] <= _IM2COL_MAX_CIN:
     return "im2col"

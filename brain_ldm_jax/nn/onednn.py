@@ -1,0 +1,199 @@
+"""oneDNN convolutions for XLA:CPU, as an XLA FFI custom call: the fast CPU path of `conv`.
+
+XLA:CPU's convolutions, and every exact rewrite of a 3D convolution into XLA operations, reach
+20-50 % of this machine's GEMM peak at 16-64 channels, where PyTorch's oneDNN kernels reach about
+100 % (scripts/benchmark_conv.py). This module calls oneDNN's direct convolution itself, from
+inside the compiled XLA program, for the forward pass and both gradients.
+
+How it is put together:
+  * `onednn_conv.cc` (next to this file) is one FFI handler over oneDNN's C API. It is compiled
+    on first use with the system C++ compiler against the installed jaxlib's FFI headers, into a
+    per-user cache (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax), keyed by the source and
+    the jaxlib version; later processes load the cached library. Building takes a few seconds.
+  * oneDNN itself comes from the `onednn-cpu-gomp` wheel (a dependency on Linux x86-64), or from
+    the library `$BRAIN_LDM_ONEDNN_LIB` names. It is opened with dlopen; nothing is linked.
+  * `available()` says whether all of that worked; `unavailable_reason()` says why not. `conv`'s
+    `impl="auto"` uses this path only when it is available, on CPU, in float32.
+
+Inside a batch-sharded program XLA does not partition a custom call: each device runs the whole
+batch's convolution on gathered inputs. The results are the same; multi-device CPU runs (tests)
+are slower than they could be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+import re
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_TARGET = "brain_ldm_jax_onednn_conv"
+_SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_DIST = "onednn-cpu-gomp"
+_LIB_NAME = "libdnnl.so.3"
+
+_FORWARD, _INPUT_GRAD, _KERNEL_GRAD = 0, 1, 2
+
+
+class OnednnUnavailableError(RuntimeError):
+  """The oneDNN convolution could not be built or loaded; the message says why."""
+
+
+def available() -> bool:
+  """Whether the oneDNN convolution is built, loaded and registered with XLA (built on first call)."""
+  return _setup() is None
+
+
+def unavailable_reason() -> str | None:
+  """None when `available()`, else why not (missing library, compiler, build error...)."""
+  return _setup()
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+         padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """Convolution through oneDNN: x (B, *spatial, Cin) float32, kernel (*k, Cin, Cout) float32."""
+  reason = _setup()
+  if reason is not None:
+    raise OnednnUnavailableError(f"conv impl 'onednn' is unavailable: {reason}")
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise TypeError(f"conv impl 'onednn' takes float32 inputs, got {x.dtype} and {kernel.dtype}")
+  if not 1 <= x.ndim - 2 <= 3:
+    raise ValueError(f"conv impl 'onednn' takes 1-3 spatial dims, got input shape {x.shape}")
+  return _conv(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+
+
+def hlo_flops(hlo_text: str) -> float:
+  """FLOPs of this module's convolutions in a compiled HLO module's text.
+
+  XLA's cost analysis counts a custom call as zero FLOPs; add this to it. Each pass (forward,
+  input gradient, kernel gradient) is 2 * output voxels * kernel volume * Cin * Cout; a call
+  inside a loop body is counted once.
+  """
+  total = 0.0
+  for line in hlo_text.splitlines():
+    if f'custom_call_target="{_TARGET}"' not in line:
+      continue
+    attrs = {name: _dense_ints(values, int(n))
+             for name, values, n in re.findall(r"(\w+) = dense<([^>]*)> : tensor<(\d+)xi64>", line)}
+    total += 2.0 * np.prod(attrs["y_shape"][:-1]) * np.prod(attrs["kernel_shape"])
+  return total
+
+
+def _dense_ints(values: str, n: int) -> list[int]:
+  ints = [int(v) for v in re.findall(r"-?\d+", values)]
+  return ints * n if len(ints) == 1 else ints  # a splat prints one value
+
+
+def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
+  spatial = tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
+                  in zip(x_shape[1:-1], kernel_shape[:-2], strides, padding))
+  return (x_shape[0], *spatial, kernel_shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, strides, padding):
+  y_shape = output_shape(x.shape, kernel.shape, strides, padding)
+  return _call(_FORWARD, x, kernel, y_shape, x.shape, kernel.shape, y_shape, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, res, ct):
+  x, kernel = res
+  problem = (x.shape, kernel.shape, ct.shape, strides, padding)
+  dx = _call(_INPUT_GRAD, ct, kernel, x.shape, *problem)
+  dk = _call(_KERNEL_GRAD, x, ct, kernel.shape, *problem)
+  return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _call(pass_, a, b, out_shape, x_shape, kernel_shape, y_shape, strides, padding):
+  as_attr = lambda v: np.asarray(v, np.int64)
+  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method="sequential")(
+      a, b, pass_=np.int64(pass_), x_shape=as_attr(x_shape), kernel_shape=as_attr(kernel_shape),
+      y_shape=as_attr(y_shape), strides=as_attr(strides),
+      pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding]))
+
+
+# ---- Building, loading and registering the handler (once per process). ----
+
+@functools.cache
+def _setup() -> str | None:
+  """Builds/loads the handler and registers it; returns None, or why the path is unavailable."""
+  try:
+    library = _onednn_library()
+    handler = ctypes.CDLL(str(_build()))
+    handler.BldmOnednnLoad.restype = ctypes.c_char_p
+    handler.BldmOnednnLoad.argtypes = [ctypes.c_char_p]
+    error = handler.BldmOnednnLoad(str(library).encode())
+    if error is not None:
+      raise OnednnUnavailableError(error.decode())
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler.BldmOnednnConvolution),
+                                platform="cpu")
+  except (OnednnUnavailableError, OSError) as e:
+    logging.warning("brain_ldm_jax: oneDNN convolutions unavailable, CPU convolutions use the "
+                    "slower XLA lowerings: %s", e)
+    return str(e)
+  return None
+
+
+def _onednn_library() -> Path:
+  override = os.environ.get("BRAIN_LDM_ONEDNN_LIB")
+  if override:
+    if not Path(override).is_file():
+      raise OnednnUnavailableError(f"BRAIN_LDM_ONEDNN_LIB={override} is not a file")
+    return Path(override)
+  try:
+    files = importlib.metadata.distribution(_DIST).files or []
+  except importlib.metadata.PackageNotFoundError:
+    raise OnednnUnavailableError(
+        f"the {_DIST} package is not installed (pip install {_DIST}), and BRAIN_LDM_ONEDNN_LIB "
+        "names no oneDNN v3 library") from None
+  for f in files:
+    if f.name == _LIB_NAME:
+      return Path(f.locate()).resolve()
+  raise OnednnUnavailableError(f"the {_DIST} package has no {_LIB_NAME}")
+
+
+def _build() -> Path:
+  """The compiled handler: from the cache when its source and jaxlib are unchanged, else built."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+
+  source = _SOURCE.read_bytes()
+  flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
+  key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(flags).encode())
+  cache = Path(os.environ.get("BRAIN_LDM_CACHE", Path.home() / ".cache" / "brain_ldm_jax"))
+  target = cache / f"onednn_conv-{key.hexdigest()[:16]}.so"
+  if target.is_file():
+    return target
+  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if compiler is None:
+    raise OnednnUnavailableError("no C++ compiler found (set CXX, or install g++)")
+  cache.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: concurrent processes never load a half-written library.
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    partial = Path(tmp) / target.name
+    cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(partial), "-ldl"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+      raise OnednnUnavailableError(f"building {_SOURCE.name} failed ({' '.join(cmd)}):\n"
+                                   f"{done.stderr[-2000:]}")
+    os.replace(partial, target)
+  return target

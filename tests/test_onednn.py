@@ -1,0 +1,115 @@
+"""The oneDNN convolution custom call: built, chosen by `auto` on CPU, exact, and safe to lack."""
+
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import onednn
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _inputs(shape, k, cout, seed=0):
+  kx, kw, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, shape, jnp.float32)
+  w = jax.random.normal(kw, (k, k, k, shape[-1], cout), jnp.float32) / (k**1.5 * shape[-1]**0.5)
+  return x, w, kc
+
+
+def test_onednn_is_available_here():
+  # The dependency and a C++ compiler are part of the supported CPU install: this must hold in CI.
+  assert onednn.available(), onednn.unavailable_reason()
+
+
+@pytest.mark.parametrize("stride,pad", [(1, (1, 1)), (2, (0, 1))])
+def test_matches_native_at_blocked_widths(stride, pad):
+  # 16 -> 32 channels select oneDNN's blocked-kernel implementations (a kernel reorder each way),
+  # unlike the 3 -> 4 channel cases of test_conv_lowering.
+  x, w, kc = _inputs((2, 8, 10, 6, 16), 3, 32)
+  kw = dict(strides=(stride,) * 3, padding=(pad,) * 3)
+
+  def value_and_grads(impl):
+    def loss(x, w):
+      y = conv_lowering.conv(x, w, impl=impl, **kw)
+      return jnp.sum(y * jax.random.normal(kc, y.shape)), y
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+    return (y, *grads)
+
+  for name, got, ref in zip(("y", "dx", "dw"), value_and_grads("onednn"),
+                            value_and_grads("native")):
+    assert _rel(got, ref) < 1e-5, (name, _rel(got, ref))
+
+
+def test_auto_uses_onednn_for_float32_on_cpu_only():
+  x, w, _ = _inputs((1, 6, 7, 5, 8), 3, 8)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+  hlo = lambda x, w: jax.jit(lambda x, w: conv_lowering.conv(x, w, **kw)).lower(x, w).as_text()
+  assert onednn._TARGET in hlo(x, w)
+  assert onednn._TARGET not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def test_vmap_matches_native():
+  x, w, _ = _inputs((3, 2, 6, 7, 5, 4), 3, 8)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+  got = jax.vmap(lambda x: conv_lowering.conv(x, w, impl="onednn", **kw))(x)
+  ref = jax.vmap(lambda x: conv_lowering.conv(x, w, impl="native", **kw))(x)
+  assert _rel(got, ref) < 1e-5
+
+
+def test_rejects_other_dtypes():
+  x, w, _ = _inputs((1, 6, 7, 5, 4), 3, 4)
+  with pytest.raises(TypeError, match="float32"):
+    onednn.conv(x.astype(jnp.bfloat16), w, (1, 1, 1), ((1, 1),) * 3)
+
+
+def test_unavailable_falls_back_and_says_why(monkeypatch):
+  monkeypatch.setattr(onednn, "_setup", lambda: "no oneDNN library here")
+  assert not onednn.available()
+  x, w, _ = _inputs((1, 6, 7, 5, 16), 3, 16)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+  hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, **kw)).lower(x, w).as_text()
+  assert onednn._TARGET not in hlo
+  with pytest.raises(onednn.OnednnUnavailableError, match="no oneDNN library here"):
+    conv_lowering.conv(x, w, impl="onednn", **kw)
+
+
+def test_missing_library_is_named(monkeypatch, tmp_path):
+  monkeypatch.setenv("BRAIN_LDM_ONEDNN_LIB", str(tmp_path / "libdnnl.so.3"))
+  with pytest.raises(onednn.OnednnUnavailableError, match="libdnnl.so.3 is not a file"):
+    onednn._onednn_library()
+
+
+def test_build_goes_to_the_cache_once(monkeypatch, tmp_path):
+  monkeypatch.setenv("BRAIN_LDM_CACHE", str(tmp_path))
+  built = onednn._build()
+  assert built.parent == tmp_path and built.is_file()
+  assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no partial files left behind
+
+  def no_compiler(*args, **kwargs):
+    raise AssertionError("rebuilt although the cached library matches")
+
+  monkeypatch.setattr(subprocess, "run", no_compiler)
+  assert onednn._build() == built
+
+
+def test_build_error_is_reported(monkeypatch, tmp_path):
+  monkeypatch.setenv("BRAIN_LDM_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "false")
+  with pytest.raises(onednn.OnednnUnavailableError, match="building onednn_conv.cc failed"):
+    onednn._build()
+  assert not any(tmp_path.glob("*.so"))
+
+
+def test_hlo_flops_counts_every_pass():
+  # Splat attributes (all dims equal) print as one value in the HLO text: x, y and the kernel here.
+  x, w, _ = _inputs((3, 3, 3, 3, 3), 3, 3)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+  loss = lambda x, w: jnp.sum(conv_lowering.conv(x, w, impl="onednn", **kw) ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+  per_pass = 2.0 * 3**4 * 3**5  # output voxels (batch included) * kernel volume * Cin * Cout
+  assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
