@@ -144,48 +144,59 @@ class GroupNorm(nn.Module):
 
 
 def _group_stats(x, num_groups, eps):
-  """x as (B, voxels, groups, channels per group) in float32, its group means and 1/std."""
-  g = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
-  mean = g.mean(axis=(1, 3), keepdims=True)
+  """x as (B, voxels, C) float32, and its group means and 1/std broadcast to channels (B, 1, C)."""
+  xc = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+  mean = _group_mean(xc, num_groups)
   # Two-pass variance: as accurate as PyTorch's on inputs with a large mean.
-  var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
-  return g, mean, lax.rsqrt(var + eps)
+  var = _group_mean(jnp.square(xc - mean), num_groups)
+  return xc, mean, lax.rsqrt(var + eps)
 
 
-def _affine(g, mean, rstd, scale, bias):
-  x_hat = (g - mean) * rstd
-  cg = g.shape[-1]
-  return x_hat, x_hat * scale.reshape(-1, cg) + bias.reshape(-1, cg)
+def _group_mean(t, num_groups):
+  """Mean of t (B, voxels, C) over the voxels and each group's channels, per channel (B, 1, C).
+
+  Kept channels-last throughout (a reduction along contiguous channel rows, then a fold of each
+  group's channels): XLA:CPU runs this 6-7x faster than one reduction over (voxels, channels in
+  group) of a (B, voxels, groups, channels per group) view.
+  """
+  b, v, c = t.shape
+  per_group = t.sum(axis=1).reshape(b, num_groups, c // num_groups).sum(axis=-1)
+  return jnp.repeat(per_group / (v * (c // num_groups)), c // num_groups, axis=-1)[:, None, :]
+
+
+def _affine(xc, mean, rstd, scale, bias):
+  x_hat = (xc - mean) * rstd
+  return x_hat, x_hat * scale + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm(x, scale, bias, num_groups: int, eps: float, silu: bool):
   """GroupNorm (+ SiLU) in float32, channels last; the output has x's shape, float32."""
-  g, mean, rstd = _group_stats(x, num_groups, eps)
-  y = _affine(g, mean, rstd, scale, bias)[1]
+  xc, mean, rstd = _group_stats(x, num_groups, eps)
+  y = _affine(xc, mean, rstd, scale, bias)[1]
   return (nn.silu(y) if silu else y).reshape(x.shape)
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, eps, silu):
-  g, mean, rstd = _group_stats(x, num_groups, eps)
-  y = _affine(g, mean, rstd, scale, bias)[1]
+  xc, mean, rstd = _group_stats(x, num_groups, eps)
+  y = _affine(xc, mean, rstd, scale, bias)[1]
   return (nn.silu(y) if silu else y).reshape(x.shape), (x, mean, rstd, scale, bias)
 
 
 def _group_norm_bwd(num_groups, eps, silu, residuals, ct):
   del eps
   x, mean, rstd, scale, bias = residuals
-  g = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
-  x_hat, y = _affine(g, mean, rstd, scale, bias)
-  dy = ct.astype(jnp.float32).reshape(g.shape)
+  xc = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+  x_hat, y = _affine(xc, mean, rstd, scale, bias)
+  dy = ct.astype(jnp.float32).reshape(xc.shape)
   if silu:
     sig = jax.nn.sigmoid(y)
     dy = dy * sig * (1 + y * (1 - sig))
-  dscale = jnp.sum(dy * x_hat, axis=(0, 1)).reshape(-1)
-  dbias = jnp.sum(dy, axis=(0, 1)).reshape(-1)
-  dx_hat = dy * scale.reshape(-1, g.shape[-1])
-  dx = rstd * (dx_hat - dx_hat.mean(axis=(1, 3), keepdims=True)
-               - x_hat * (dx_hat * x_hat).mean(axis=(1, 3), keepdims=True))
+  dscale = jnp.sum(dy * x_hat, axis=(0, 1))
+  dbias = jnp.sum(dy, axis=(0, 1))
+  dx_hat = dy * scale
+  dx = rstd * (dx_hat - _group_mean(dx_hat, num_groups)
+               - x_hat * _group_mean(dx_hat * x_hat, num_groups))
   return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
 
 
