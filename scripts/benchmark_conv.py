@@ -25,6 +25,7 @@ from brain_ldm_jax.nn import conv_lowering
 # name: (batch, spatial, cin, cout, kernel, stride, padding per axis)
 SHAPES = {
     "ae40_1_16": (1, (40, 56, 40), 1, 16, 3, 1, (1, 1)),
+    "ae40_16_1_b2": (2, (40, 56, 40), 16, 1, 3, 1, (1, 1)),  # the decoder's last conv
     "ae40_16_16": (1, (40, 56, 40), 16, 16, 3, 1, (1, 1)),
     "ae40_16_32": (1, (40, 56, 40), 16, 32, 3, 1, (1, 1)),
     "ae40_32_32": (1, (40, 56, 40), 32, 32, 3, 1, (1, 1)),

@@ -73,7 +73,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return layers.Conv(x.shape[-1], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
-                       name="postconv")(layers.upsample_nearest2(x))
+                       upsample=True, name="postconv")(x)
 
 
 class Encoder(nn.Module):

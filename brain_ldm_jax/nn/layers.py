@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn.conv_lowering import upsample_nearest2  # noqa: F401  (part of this API)
 
 Dtype = Any
 Initializer = Any
@@ -67,6 +68,8 @@ class Conv(nn.Module):
   Kernel (*kernel_size, in, out); MONAI's (out, in, *kernel_size) maps by transposition.
   `padding` is an int (symmetric, as PyTorch) or per-axis (low, high) pairs (e.g. MONAI's
   AEKLDownsample pads (0, 1) and then convolves without padding: one asymmetric conv here).
+  `upsample`: the input is first nearest-upsampled ×2 (MONAI's Upsample -> conv), computed by
+  `conv_lowering.upsample2_conv` without building the upsampled input where it can.
   """
   features: int
   kernel_size: int = 3
@@ -77,6 +80,7 @@ class Conv(nn.Module):
   kernel_init: Initializer | None = None
   dtype: Dtype = jnp.float32
   impl: str = "auto"
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,8 +95,14 @@ class Conv(nn.Module):
       b_init = nn.initializers.zeros if self.kernel_init else _uniform_bias_init(fan_in)
     kernel = self.param("kernel", k_init, ks + (cin, self.features), jnp.float32)
     strides = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
-    y = conv_lowering.conv(x.astype(self.dtype), kernel.astype(self.dtype), strides=strides,
-                           padding=_pairs(self.padding, nd), impl=self.impl)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.upsample:
+      if any(s != 1 for s in strides):
+        raise ValueError(f"Conv(upsample=True) takes stride 1, got {self.strides}")
+      y = conv_lowering.upsample2_conv(x, kernel, padding=_pairs(self.padding, nd), impl=self.impl)
+    else:
+      y = conv_lowering.conv(x, kernel, strides=strides, padding=_pairs(self.padding, nd),
+                             impl=self.impl)
     if self.use_bias:
       bias = self.param("bias", b_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -271,13 +281,6 @@ def avg_pool2(x: jax.Array) -> jax.Array:
     shape += [s // 2, 2]
   x = x.reshape(shape + [x.shape[-1]])
   return x.mean(axis=tuple(2 + 2 * i for i in range(nd)), dtype=jnp.float32).astype(x.dtype)
-
-
-def upsample_nearest2(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour ×2 upsampling over all spatial axes (torch interpolate, scale 2)."""
-  for axis in range(1, x.ndim - 1):
-    x = jnp.repeat(x, 2, axis=axis)
-  return x
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,

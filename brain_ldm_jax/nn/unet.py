@@ -62,11 +62,11 @@ class ResnetBlock(nn.Module):
                                               silu=True, dtype=self.dtype, name=name)
     h = norm_silu("norm1")(x)
     if self.up:
-      x, h = layers.upsample_nearest2(x), layers.upsample_nearest2(h)
+      x = layers.upsample_nearest2(x)  # h is upsampled inside conv1
     elif self.down:
       x, h = layers.avg_pool2(x), layers.avg_pool2(h)
     h = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
-                    name="conv1")(h)
+                    upsample=self.up, name="conv1")(h)
     temb = layers.Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))
     h = h + temb.reshape((temb.shape[0],) + (1,) * (h.ndim - 2) + (-1,))
     h = norm_silu("norm2")(h)
@@ -148,7 +148,7 @@ class _Resample(nn.Module):
     del emb
     if self.up:
       return layers.Conv(x.shape[-1], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
-                         name="postconv")(layers.upsample_nearest2(x))
+                         upsample=True, name="postconv")(x)
     return layers.Conv(x.shape[-1], 3, strides=2, padding=1, dtype=self.dtype,
                        impl=self.conv_impl, name="op")(x)
 
