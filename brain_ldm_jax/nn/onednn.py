@@ -8,8 +8,9 @@ inside the compiled XLA program, for the forward pass and both gradients.
 How it is put together:
   * `onednn_conv.cc` (next to this file) is one FFI handler over oneDNN's C API. It is compiled
     on first use with the system C++ compiler against the installed jaxlib's FFI headers, into a
-    per-user cache (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax), keyed by the source and
-    the jaxlib version; later processes load the cached library. Building takes a few seconds.
+    per-user cache (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax, or the temp directory
+    when that is read-only), keyed by the source and the jaxlib version; later processes load the
+    cached library. Building takes a few seconds.
   * oneDNN itself comes from the `onednn-cpu-gomp` wheel (a dependency on Linux x86-64), or from
     the library `$BRAIN_LDM_ONEDNN_LIB` names. It is opened with dlopen; nothing is linked.
   * `available()` says whether all of that worked; `unavailable_reason()` says why not. `conv`'s
@@ -172,6 +173,15 @@ def _onednn_library() -> Path:
   raise OnednnUnavailableError(f"the {_DIST} package has no {_LIB_NAME}")
 
 
+def _cache_dirs() -> list[Path]:
+  if os.environ.get("BRAIN_LDM_CACHE"):
+    return [Path(os.environ["BRAIN_LDM_CACHE"])]
+  user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+  # A read-only home (some CI and cluster setups) falls back to the temp directory.
+  return [user_cache / "brain_ldm_jax",
+          Path(tempfile.gettempdir()) / f"brain_ldm_jax-{os.getuid()}"]
+
+
 def _build() -> Path:
   """The compiled handler: from the cache when its source and jaxlib are unchanged, else built."""
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -179,16 +189,26 @@ def _build() -> Path:
   source = _SOURCE.read_bytes()
   flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
   key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(flags).encode())
-  cache = Path(os.environ.get("BRAIN_LDM_CACHE", Path.home() / ".cache" / "brain_ldm_jax"))
-  target = cache / f"onednn_conv-{key.hexdigest()[:16]}.so"
-  if target.is_file():
-    return target
+  name = f"onednn_conv-{key.hexdigest()[:16]}.so"
+  for cache in _cache_dirs():
+    if (cache / name).is_file():
+      return cache / name
   compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
   if compiler is None:
     raise OnednnUnavailableError("no C++ compiler found (set CXX, or install g++)")
-  cache.mkdir(parents=True, exist_ok=True)
+  errors = []
+  for cache in _cache_dirs():
+    try:
+      cache.mkdir(parents=True, exist_ok=True)
+      return _compile(compiler, flags, cache / name)
+    except PermissionError as e:
+      errors.append(str(e))
+  raise OnednnUnavailableError(f"no writable cache directory for {name}: {'; '.join(errors)}")
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> Path:
   # Build beside the target and rename: concurrent processes never load a half-written library.
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     partial = Path(tmp) / target.name
     cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(partial), "-ldl"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
