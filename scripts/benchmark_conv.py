@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import onednn
 
 # name: (batch, spatial, cin, cout, kernel, stride, padding per axis)
 SHAPES = {
@@ -125,9 +126,9 @@ def default_impls(shape):
   channels, or few voxels so that the concatenation is small beside the weights)."""
   b, spatial, cin, cout, k, s, pad = shape
   if k == 1:
-    return ["native", "im2col", "native_im2col"]
+    return ["native", "onednn", "im2col", "native_im2col"]
   few = cin <= 8 or b * np.prod(spatial) <= 4096
-  return ["native", "depth_sum", "depth_fold"] + (["im2col", "native_im2col"] if few else [])
+  return ["native", "onednn", "depth_sum", "depth_fold"] + (["im2col", "native_im2col"] if few else [])
 
 
 def benchmark_shape(shape, impls, repeats, threads, with_torch):
@@ -179,7 +180,7 @@ def main():
     times = benchmark_shape(shape, impls, args.repeats, threads, not args.no_torch)
     peak = 2 * GEMM_N**3 / times[("gemm", "fwd")] / 1e9
     auto = conv_lowering.choose_impl((b, *spatial, cin), (*(k,) * len(spatial), cin, cout),
-                                     (s,) * len(spatial), "cpu")
+                                     (s,) * len(spatial), "cpu", onednn=onednn.available())
     print(f"\n{name}: B={b} {'x'.join(map(str, spatial))} {cin}->{cout} k={k} s={s} pad={pad}  "
           f"{flops / 1e9:.2f} GFLOP fwd; GEMM {peak:.0f} GFLOP/s; auto={auto}")
     print(f"  {'impl':<11}{'fwd ms':>9}{'GF/s':>7}{'%peak':>7}{'xnative':>9}"
