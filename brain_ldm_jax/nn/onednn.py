@@ -16,6 +16,9 @@ How it is put together:
   * `available()` says whether all of that worked; `unavailable_reason()` says why not. `conv`'s
     `impl="auto"` uses this path only when it is available, on CPU, in float32.
 
+oneDNN runs on its own OpenMP threads (`OMP_NUM_THREADS`, default all cores), beside XLA's pool;
+scripts/benchmark.py sets both to the same count.
+
 Inside a batch-sharded program XLA does not partition a custom call: each device runs the whole
 batch's convolution on gathered inputs. The results are the same; multi-device CPU runs (tests)
 are slower than they could be.
