@@ -45,6 +45,41 @@ def test_matches_native_at_blocked_widths(stride, pad):
     assert _rel(got, ref) < 1e-5, (name, _rel(got, ref))
 
 
+def test_bias_and_its_gradient_inside_the_call():
+  x, w, kc = _inputs((2, 6, 7, 5, 8), 3, 16)
+  bias = jax.random.normal(jax.random.PRNGKey(9), (16,), jnp.float32)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+
+  def grads(impl):
+    def loss(x, w, b):
+      y = conv_lowering.conv(x, w, b, impl=impl, **kw)
+      return jnp.sum(y * jax.random.normal(kc, y.shape)), y
+    (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, bias)
+    return (y, *g)
+
+  for name, got, ref in zip(("y", "dx", "dw", "dbias"), grads("onednn"), grads("native")):
+    assert _rel(got, ref) < 1e-5, (name, _rel(got, ref))
+
+
+def test_probe_reads_each_example_first_element():
+  x = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4) - 5.5
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got = jax.jit(onednn.probe)(x.astype(dtype))
+    assert got.dtype == jnp.float32
+    assert got.tolist() == [-5.5, 6.5]
+
+
+def test_materialize_is_an_identity_that_xla_cannot_fuse_through():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3))
+  f = lambda x: jnp.sum(jnp.sin(onednn.materialize(jnp.exp(x) * 2.0)))  # noqa: E731
+  ref = lambda x: jnp.sum(jnp.sin(jnp.exp(x) * 2.0))  # noqa: E731
+  assert abs(float(jax.jit(f)(x)) - float(ref(x))) < 1e-5
+  assert _rel(jax.jit(jax.grad(f))(x), jax.grad(ref)(x)) < 1e-6
+  hlo = jax.jit(f).lower(x).compile().as_text()
+  assert onednn._MATERIALIZE_TARGET in hlo
+  assert not any("exponential" in line and "sine" in line for line in hlo.splitlines())
+
+
 def test_auto_uses_onednn_for_float32_on_cpu_only():
   x, w, _ = _inputs((1, 6, 7, 5, 8), 3, 8)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from brain_ldm_jax.nn import conv_lowering
 from brain_ldm_jax.nn import layers
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -33,24 +34,92 @@ def _per_level(value: int | Sequence[int], n: int) -> tuple[int, ...]:
 
 
 class AEResBlock(nn.Module):
-  """MONAI AEKLResBlock: (GroupNorm, SiLU, conv3) ×2 plus a 1³ `nin_shortcut` if channels change."""
+  """MONAI AEKLResBlock: (GroupNorm, SiLU, conv3) ×2 plus a 1³ `nin_shortcut` if channels change.
+
+  Under `layers.remat` its backward pass is `_res_block_remat_vjp`, ordered for memory.
+  """
+  in_channels: int
   out_channels: int
   norm_num_groups: int
   norm_eps: float
   dtype: layers.Dtype = jnp.float32
   conv_impl: str = "auto"
 
-  @nn.compact
+  def setup(self):
+    conv = lambda f, k: layers.Conv(f, k, padding=k // 2, dtype=self.dtype,  # noqa: E731
+                                    impl=self.conv_impl)
+    norm_silu = lambda: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
+                                         silu=True, dtype=self.dtype)
+    self.norm1, self.conv1 = norm_silu(), conv(self.out_channels, 3)
+    self.norm2, self.conv2 = norm_silu(), conv(self.out_channels, 3)
+    if self.in_channels != self.out_channels:
+      self.nin_shortcut = conv(self.out_channels, 1)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, name: layers.Conv(f, k, padding=k // 2, dtype=self.dtype,  # noqa: E731
-                                          impl=self.conv_impl, name=name)
-    norm_silu = lambda name: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
-                                              silu=True, dtype=self.dtype, name=name)
-    h = conv(self.out_channels, 3, "conv1")(norm_silu("norm1")(x))
-    h = conv(self.out_channels, 3, "conv2")(norm_silu("norm2")(h))
-    if x.shape[-1] != self.out_channels:
-      x = conv(self.out_channels, 1, "nin_shortcut")(x)
-    return x.astype(h.dtype) + h
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"AEResBlock: expected {self.in_channels} input channels, got {x.shape}")
+    h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
+    return self._shortcut(x).astype(h.dtype) + h
+
+  def _shortcut(self, x):
+    return self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+
+  @staticmethod
+  def remat_vjp(block, variables, args, ct):
+    return _res_block_remat_vjp(block, variables["params"], *args, ct)
+
+
+def _res_block_remat_vjp(block: AEResBlock, params, x, ct):
+  """Recomputation and backward pass of a remat'ed AEResBlock, ordered for a low memory peak.
+
+  Left to XLA's scheduler, the generic recomputation kept the first norm's output, the shortcut's
+  input gradient and the input at once (at the paper autoencoder's first decoder block at full
+  resolution, 128 channels, each twice the size of the block's output), and that block set the
+  memory peak of the whole train step. Here each step is tied (`layers.after`, through the
+  parameters, which are small) to the cotangent it follows, so nothing is computed before it is
+  needed: the first norm's output is recomputed twice, for conv1's forward pass and again for its
+  kernel gradient, and the shortcut's input gradient comes last.
+  """
+  def layer(name, p, h):
+    return block.apply({"params": {name: p}}, h, method=lambda m, h: getattr(m, name)(h))
+
+  def vjp(name, p, h, cotangent, split=False):
+    """(d params, d input) of sublayer `name`, computed once `cotangent` exists. `split`: the
+    input gradient only after the parameter gradient (which frees `h` first)."""
+    p_late = layers.after(p, cotangent)
+    if not split:
+      return jax.vjp(lambda q, g: layer(name, q, g), p_late, h)[1](cotangent)
+    (dp,) = jax.vjp(lambda q: layer(name, q, h), p_late)[1](cotangent)
+    (dh,) = jax.vjp(lambda g: layer(name, layers.after(p, dp), g), h)[1](cotangent)
+    return dp, dh
+
+  p = params
+  # In memory once: computed inside its consumers, the cotangent (often the next block's input
+  # gradient, a fusion) would keep that block's tensors alive through this whole backward pass.
+  ct = conv_lowering.in_memory(ct.astype(block.dtype))
+  grads = {}
+  c1 = layer("conv1", p["conv1"], layer("norm1", layers.after(p["norm1"], ct), x))
+  n2 = layer("norm2", layers.after(p["norm2"], ct), c1)
+  grads["conv2"], dn2 = vjp("conv2", p["conv2"], n2, ct, split=True)
+  grads["norm2"], dc1 = vjp("norm2", p["norm2"], c1, dn2)
+  n1_after = dc1
+  if "nin_shortcut" in p:
+    # Its kernel gradient now, while little else is alive, from a copy of x made now (x tied
+    # through the parameters only would let CSE keep the forward pass's copy alive until here),
+    # and before n1 exists.
+    grads["nin_shortcut"], _ = vjp("nin_shortcut", p["nin_shortcut"], layers.after(x, dc1), ct)
+    n1_after = grads["nin_shortcut"]
+  n1 = layer("norm1", layers.after(p["norm1"], n1_after), x)
+  grads["conv1"], dn1 = vjp("conv1", p["conv1"], n1, dc1, split=True)
+  grads["norm1"], dx = vjp("norm1", p["norm1"], x, dn1)
+  if "nin_shortcut" in p:
+    # In memory before the shortcut's gradient is added: x and dn1 can go first.
+    dx = conv_lowering.in_memory(dx)
+    (dx_short,) = jax.vjp(lambda g: layer("nin_shortcut", layers.after(p["nin_shortcut"], dx), g),
+                          x)[1](ct)
+  else:
+    dx_short = ct
+  return grads, (dx + dx_short.astype(dx.dtype)).astype(x.dtype)
 
 
 class Downsample(nn.Module):
@@ -102,8 +171,8 @@ class Encoder(nn.Module):
       return f"blocks_{i - 1}"
 
     def res(h, ch):
-      return res_block(ch, self.norm_num_groups, self.norm_eps, conv_impl=self.conv_impl,
-                       name=name(), **kw)(h)
+      return res_block(h.shape[-1], ch, self.norm_num_groups, self.norm_eps,
+                       conv_impl=self.conv_impl, name=name(), **kw)(h)
 
     def attn(h):
       return layers.SpatialAttentionBlock(self.norm_num_groups, self.norm_eps, name=name(),
@@ -125,7 +194,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """MONAI Decoder: the encoder mirrored, nearest ×2 + conv upsampling, GroupNorm, conv."""
+  """MONAI Decoder: the encoder mirrored, nearest ×2 + conv upsampling, GroupNorm, conv.
+
+  With `remat`, beyond recomputing each res block, everything below full resolution is one
+  recomputed segment: its blocks' saved inputs (1 GiB in float32 for the paper autoencoder) are
+  not kept through the full-resolution backward pass, which sets the memory peak; they are
+  recomputed after it, at the cost of one more forward pass over the low-resolution part.
+  """
   channels: tuple[int, ...]
   out_channels: int
   num_res_blocks: tuple[int, ...]
@@ -137,41 +212,48 @@ class Decoder(nn.Module):
   dtype: layers.Dtype = jnp.float32
   conv_impl: str = "auto"
 
-  @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def setup(self):
     res_block = layers.remat(AEResBlock) if self.remat else AEResBlock
     kw = dict(dtype=self.dtype)
-    i = 0
-
-    def name():
-      nonlocal i
-      i += 1
-      return f"blocks_{i - 1}"
-
-    def res(h, ch):
-      return res_block(ch, self.norm_num_groups, self.norm_eps, conv_impl=self.conv_impl,
-                       name=name(), **kw)(h)
-
-    def attn(h):
-      return layers.SpatialAttentionBlock(self.norm_num_groups, self.norm_eps, name=name(),
-                                          **kw)(h)
-
+    res = lambda cin, cout: res_block(cin, cout, self.norm_num_groups,  # noqa: E731
+                                      self.norm_eps, conv_impl=self.conv_impl, **kw)
+    attn = lambda: layers.SpatialAttentionBlock(self.norm_num_groups,  # noqa: E731
+                                                self.norm_eps, **kw)
     rev_ch = tuple(reversed(self.channels))
     rev_attn = tuple(reversed(self.attention_levels))
     rev_nres = tuple(reversed(self.num_res_blocks))
-    h = layers.Conv(rev_ch[0], 3, padding=1, impl=self.conv_impl, name=name(), **kw)(z)
+    ch = rev_ch[0]
+    blocks = [layers.Conv(ch, 3, padding=1, impl=self.conv_impl, **kw)]
     if self.with_nonlocal_attn:
-      h = attn(res(h, rev_ch[0]))
-      h = res(h, rev_ch[0])
-    for level, ch in enumerate(rev_ch):
+      blocks += [res(ch, ch), attn(), res(ch, ch)]
+    self.full_resolution_from = 0  # the index of the last upsampling block
+    for level, level_ch in enumerate(rev_ch):
       for _ in range(rev_nres[level]):
-        h = res(h, ch)
+        blocks.append(res(ch, level_ch))
+        ch = level_ch
         if rev_attn[level]:
-          h = attn(h)
+          blocks.append(attn())
       if level != len(rev_ch) - 1:
-        h = Upsample(conv_impl=self.conv_impl, name=name(), **kw)(h)
-    h = layers.GroupNorm(self.norm_num_groups, self.norm_eps, name=name(), **kw)(h)
-    return layers.Conv(self.out_channels, 3, padding=1, impl=self.conv_impl, name=name(), **kw)(h)
+        self.full_resolution_from = len(blocks)
+        blocks.append(Upsample(conv_impl=self.conv_impl, **kw))
+    blocks.append(layers.GroupNorm(self.norm_num_groups, self.norm_eps, **kw))
+    blocks.append(layers.Conv(self.out_channels, 3, padding=1, impl=self.conv_impl, **kw))
+    self.blocks = blocks  # named blocks_0, blocks_1, ... as MONAI's state dict
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    if self.remat and self.full_resolution_from:
+      h = layers.recompute(Decoder.low_resolution, self, z)
+    else:
+      h = self.low_resolution(z)
+    for block in self.blocks[self.full_resolution_from:]:
+      h = block(h)
+    return h
+
+  def low_resolution(self, z: jax.Array) -> jax.Array:
+    """The blocks before the last upsampling."""
+    for block in self.blocks[:self.full_resolution_from]:
+      z = block(z)
+    return z
 
 
 class AutoencoderKL(nn.Module):
@@ -211,7 +293,8 @@ class AutoencoderKL(nn.Module):
     common = dict(channels=channels, num_res_blocks=nres, norm_num_groups=self.norm_num_groups,
                   norm_eps=self.norm_eps, attention_levels=tuple(self.attention_levels),
                   remat=self.remat, dtype=dtype, conv_impl=self.conv_impl)
-    self.encoder = Encoder(out_channels=self.latent_channels,
+    encoder = layers.remat(Encoder) if self.remat else Encoder
+    self.encoder = encoder(out_channels=self.latent_channels,
                            with_nonlocal_attn=self.with_encoder_nonlocal_attn, **common)
     self.decoder = Decoder(out_channels=self.out_channels,
                            with_nonlocal_attn=self.with_decoder_nonlocal_attn, **common)

@@ -65,23 +65,27 @@ _DW_CHUNK_MIN_ROWS = 2048
 _DW_MAX_CHUNKS = 8
 
 
-def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
-         padding: Sequence[tuple[int, int]], impl: str = "auto") -> jax.Array:
-  """N-d convolution, channels last: x (B, *spatial, Cin), kernel (*k, Cin, Cout)."""
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+         strides: Sequence[int], padding: Sequence[tuple[int, int]],
+         impl: str = "auto") -> jax.Array:
+  """N-d convolution (+ bias), channels last: x (B, *spatial, Cin), kernel (*k, Cin, Cout),
+  bias (Cout,) or None; the output has x's dtype."""
   if impl not in IMPLS:
     raise ValueError(f"conv impl {impl!r} unknown; choose one of {IMPLS}")
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if impl == "auto":
-    platform = _platform(x)
-    use_onednn = (platform == "cpu" and x.dtype == kernel.dtype == jnp.float32
+    backend = platform(x)
+    use_onednn = (backend == "cpu" and x.dtype == kernel.dtype == jnp.float32
                   and onednn.available())
-    impl = choose_impl(x.shape, kernel.shape, strides, platform, onednn=use_onednn)
+    impl = choose_impl(x.shape, kernel.shape, strides, backend, onednn=use_onednn)
   if impl == "native" or x.ndim != 5:
-    return _native(x, kernel, strides, padding)
-  if impl == "onednn":
-    return onednn.conv(x, kernel, strides, padding)
-  return _LOWERINGS[impl](x, kernel, strides, padding)
+    y = _native(x, kernel, strides, padding)
+  elif impl == "onednn":
+    return onednn.conv(x, kernel, strides, padding, bias)
+  else:
+    y = _LOWERINGS[impl](x, kernel, strides, padding)
+  return y if bias is None else y + bias.astype(y.dtype)
 
 
 def upsample_nearest2(x: jax.Array) -> jax.Array:
@@ -110,9 +114,9 @@ def _phase_kernel(kernel, parities):
   return kernel
 
 
-def upsample2_conv(x: jax.Array, kernel: jax.Array, *, padding: Sequence[tuple[int, int]],
-                   impl: str = "auto") -> jax.Array:
-  """conv(upsample_nearest2(x), kernel), stride 1: MONAI's Upsample(nearest) -> 3^d conv.
+def upsample2_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+                   padding: Sequence[tuple[int, int]], impl: str = "auto") -> jax.Array:
+  """conv(upsample_nearest2(x), kernel, bias), stride 1: MONAI's Upsample(nearest) -> 3^d conv.
 
   With a 3^3 kernel and padding 1 on CPU (and an input of at least _SUBPIXEL_MIN_VOXELS) this never
   builds the upsampled input: each of the 8
@@ -125,15 +129,42 @@ def upsample2_conv(x: jax.Array, kernel: jax.Array, *, padding: Sequence[tuple[i
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   nd = x.ndim - 2
   subpixel = (nd == 3 and kernel.shape[:3] == (3, 3, 3) and padding == ((1, 1),) * 3
-              and _platform(x) == "cpu" and np.prod(x.shape[:4]) >= _SUBPIXEL_MIN_VOXELS)
+              and platform(x) == "cpu" and np.prod(x.shape[:4]) >= _SUBPIXEL_MIN_VOXELS)
   if not subpixel:
-    return conv(upsample_nearest2(x), kernel, strides=(1,) * nd, padding=padding, impl=impl)
+    return conv(upsample_nearest2(x), kernel, bias, strides=(1,) * nd, padding=padding, impl=impl)
   b, d, h, w, _ = x.shape
-  phases = [conv(x, _phase_kernel(kernel, parities), strides=(1, 1, 1),
+  phases = [conv(x, _phase_kernel(kernel, parities), bias, strides=(1, 1, 1),
                  padding=tuple(_PHASE_PADDING[p] for p in parities), impl=impl)
             for parities in np.ndindex(2, 2, 2)]
   y = jnp.stack(phases, axis=-2).reshape(b, d, h, w, 2, 2, 2, -1)
-  return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * d, 2 * h, 2 * w, -1)
+  y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * d, 2 * h, 2 * w, -1)
+  # The backward pass slices the cotangent 8 ways; computed in place of each slice, its producer
+  # (e.g. a GroupNorm backward) would keep all of its inputs alive until the last.
+  return _cotangent_in_memory(y)
+
+
+@jax.custom_vjp
+def _cotangent_in_memory(y):
+  return y
+
+
+def _cotangent_in_memory_fwd(y):
+  return y, None
+
+
+def _cotangent_in_memory_bwd(_, ct):
+  return (in_memory(ct),)
+
+
+_cotangent_in_memory.defvjp(_cotangent_in_memory_fwd, _cotangent_in_memory_bwd)
+
+
+def in_memory(x: jax.Array) -> jax.Array:
+  """x computed once, into memory, on CPU where the custom calls are built (`onednn.materialize`);
+  x unchanged elsewhere."""
+  if platform(x) == "cpu" and onednn.available():
+    return onednn.materialize(x)
+  return x
 
 
 def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
@@ -158,7 +189,8 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
   return "depth_sum"
 
 
-def _platform(x) -> str:
+def platform(x) -> str:
+  """The platform jit will run x on: its device's, or the default backend's under tracing."""
   # Under jit x is a tracer with no device; the default backend is where jit will run it.
   if isinstance(x, jax.core.Tracer) or not hasattr(x, "devices"):
     return jax.default_backend()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import onednn
 from brain_ldm_jax.nn.conv_lowering import upsample_nearest2  # noqa: F401  (part of this API)
 
 Dtype = Any
@@ -95,18 +96,15 @@ class Conv(nn.Module):
       b_init = nn.initializers.zeros if self.kernel_init else _uniform_bias_init(fan_in)
     kernel = self.param("kernel", k_init, ks + (cin, self.features), jnp.float32)
     strides = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
+    bias = self.param("bias", b_init, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.upsample:
       if any(s != 1 for s in strides):
         raise ValueError(f"Conv(upsample=True) takes stride 1, got {self.strides}")
-      y = conv_lowering.upsample2_conv(x, kernel, padding=_pairs(self.padding, nd), impl=self.impl)
-    else:
-      y = conv_lowering.conv(x, kernel, strides=strides, padding=_pairs(self.padding, nd),
-                             impl=self.impl)
-    if self.use_bias:
-      bias = self.param("bias", b_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      return conv_lowering.upsample2_conv(x, kernel, bias, padding=_pairs(self.padding, nd),
+                                          impl=self.impl)
+    return conv_lowering.conv(x, kernel, bias, strides=strides, padding=_pairs(self.padding, nd),
+                              impl=self.impl)
 
 
 class Linear(nn.Module):
@@ -170,8 +168,14 @@ def _group_mean(t, num_groups):
   group) of a (B, voxels, groups, channels per group) view.
   """
   b, v, c = t.shape
-  per_group = t.sum(axis=1).reshape(b, num_groups, c // num_groups).sum(axis=-1)
-  return jnp.repeat(per_group / (v * (c // num_groups)), c // num_groups, axis=-1)[:, None, :]
+  return (_fold_groups(t.sum(axis=1), num_groups) / (v * (c // num_groups)))[:, None, :]
+
+
+def _fold_groups(per_channel, num_groups):
+  """(B, C) per-channel sums -> each group's total, repeated over the group's channels (B, C)."""
+  b, c = per_channel.shape
+  per_group = per_channel.reshape(b, num_groups, c // num_groups).sum(axis=-1)
+  return jnp.repeat(per_group, c // num_groups, axis=-1)
 
 
 def _affine(xc, mean, rstd, scale, bias):
@@ -193,21 +197,52 @@ def _group_norm_fwd(x, scale, bias, num_groups, eps, silu):
   return (nn.silu(y) if silu else y).reshape(x.shape), (x, mean, rstd, scale, bias)
 
 
+# From this many elements per tensor (64 MiB in float32) the backward pass keeps no full-size
+# intermediate (the paper autoencoder's full-resolution levels); below it, one (faster: 1.5-2x at
+# the demo and latent sizes, where memory is no concern).
+_GROUP_NORM_LEAN_BWD_ELEMENTS = 2**24
+
+
 def _group_norm_bwd(num_groups, eps, silu, residuals, ct):
   del eps
   x, mean, rstd, scale, bias = residuals
   xc = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
-  x_hat, y = _affine(xc, mean, rstd, scale, bias)
-  dy = ct.astype(jnp.float32).reshape(xc.shape)
-  if silu:
-    sig = jax.nn.sigmoid(y)
-    dy = dy * sig * (1 + y * (1 - sig))
-  dscale = jnp.sum(dy * x_hat, axis=(0, 1))
-  dbias = jnp.sum(dy, axis=(0, 1))
-  dx_hat = dy * scale
-  dx = rstd * (dx_hat - _group_mean(dx_hat, num_groups)
-               - x_hat * _group_mean(dx_hat * x_hat, num_groups))
-  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
+  ctc = ct.astype(jnp.float32).reshape(xc.shape)
+  lean = x.size >= _GROUP_NORM_LEAN_BWD_ELEMENTS
+  # x_hat and the sigmoid are written unlike the forward pass's on purpose: written alike, CSE
+  # merges them with the forward pass's (under remat, its input and statistics are the same) and
+  # keeps them alive from there to here.
+  x_hat = xc * rstd - mean * rstd
+
+  def dy(sigmoid):
+    if not silu:
+      return ctc
+    y = x_hat * scale + bias
+    sig = sigmoid(y)
+    return ctc * sig * (1 + y * (1 - sig))
+
+  if lean:
+    # dy is recomputed inside the two passes that read it: one variadic reduction (partial sums
+    # per depth slice, so that XLA:CPU shares it among threads and float32 sums stay short), and
+    # the final pass. Each computes the sigmoid its own way, or CSE would merge them into one
+    # full-size buffer.
+    rows = x.shape[1] if x.ndim > 3 else 1
+    split = lambda t: t.reshape(t.shape[0], rows, -1, t.shape[-1])  # noqa: E731
+    dy_sums = dy(lambda y: 1 - jax.nn.sigmoid(-y))
+    dbias, dscale = lax.reduce((split(dy_sums), split(dy_sums * x_hat)),
+                               (np.float32(0), np.float32(0)),
+                               lambda s, t: (s[0] + t[0], s[1] + t[1]), (2,))
+    dbias, dscale = dbias.sum(1), dscale.sum(1)
+    dy_dx = dy(lambda y: 1 / (1 + jnp.exp(-y)))
+  else:
+    # dy once, in memory (it may take ct's buffer); the reductions and the final pass read it.
+    dy_dx = dy(lambda y: 1 - jax.nn.sigmoid(-y))
+    dbias, dscale = jnp.sum(dy_dx, axis=1), jnp.sum(dy_dx * x_hat, axis=1)
+  group_size = xc.shape[1] * (xc.shape[-1] // num_groups)
+  m1 = _fold_groups(dbias * scale, num_groups)[:, None, :] / group_size
+  m2 = _fold_groups(dscale * scale, num_groups)[:, None, :] / group_size
+  dx = rstd * (dy_dx * scale - m1 - x_hat * m2)
+  return dx.reshape(x.shape).astype(x.dtype), dscale.sum(0), dbias.sum(0)
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
@@ -355,6 +390,10 @@ def remat(cls: type[nn.Module]) -> type[nn.Module]:
   which no pass can hoist into the forward pass or merge with it; it costs one elementwise add.
   Parameter names, values and gradients are those of `cls` (a non-finite cotangent makes the
   input gradient non-finite, as it would be anyway).
+
+  A class may order its own recomputation and backward pass (to bound the memory peak) with a
+  static `remat_vjp(unbound_module, variables, args, ct) -> (params_ct, *args_ct)`; `after` is
+  the tool for that.
   """
 
   def call(module, *args):
@@ -363,6 +402,8 @@ def remat(cls: type[nn.Module]) -> type[nn.Module]:
   class Recomputed(cls):
 
     def __call__(self, *args):
+      if getattr(cls, "remat_vjp", None) is None:
+        return recompute(call, self, *args)
       unbound = self.clone(parent=None, name=None)
 
       def forward(module, *args):
@@ -370,10 +411,8 @@ def remat(cls: type[nn.Module]) -> type[nn.Module]:
 
       def backward(residuals, ct):
         variables, args = residuals
-        args = _after(args, ct)
-        _, vjp = jax.vjp(lambda v, *a: unbound.apply(v, *a, method=call), variables, *args)
-        variables_ct, *args_ct = vjp(ct)
-        return ({"params": variables_ct["params"]}, *args_ct)
+        params_ct, *args_ct = cls.remat_vjp(unbound, variables, args, ct)
+        return ({"params": params_ct}, *args_ct)
 
       return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(self, *args)
 
@@ -381,11 +420,39 @@ def remat(cls: type[nn.Module]) -> type[nn.Module]:
   return Recomputed
 
 
-def _after(tree: Any, ct: Any) -> Any:
+def recompute(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
+  """`fn(module, *args)`, keeping only `args` and the module's variables for the backward pass,
+  which recomputes `fn` (tied to the cotangent, see `remat`). `fn` may be any method of the
+  module, e.g. a segment of its blocks; parameters it does not use get zero gradients from it."""
+  unbound = module.clone(parent=None, name=None)
+
+  def forward(mdl, *args):
+    return fn(mdl, *args), (mdl.variables, args)
+
+  def backward(residuals, ct):
+    variables, args = residuals
+    args = after(args, ct)
+    _, vjp = jax.vjp(lambda v, *a: unbound.apply(v, *a, method=fn), variables, *args)
+    variables_ct, *args_ct = vjp(ct)
+    return ({"params": variables_ct["params"]}, *args_ct)
+
+  return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(module, *args)
+
+
+def after(tree: Any, ct: Any) -> Any:
   """`tree` plus 0 * (one element of `ct` per example): the same values, computable only once
-  `ct` exists. Per example, so that under batch sharding the tie stays on each device."""
-  leaf = jax.tree_util.tree_leaves(ct)[0]
-  probe = leaf.reshape(leaf.shape[0], -1)[:, 0].astype(jnp.float32)
+  `ct` exists. Per example, so that under batch sharding the tie stays on each device.
+
+  Tie small trees (parameters) where you can: a tied activation that a custom call reads is a
+  full-size copy. On CPU the element is read by a custom call (`onednn.probe`), so the tie waits
+  for `ct` in memory; elsewhere, or without that library, a slice of `ct` that XLA may fuse with
+  `ct`'s producer (the order holds, but the producer's inputs may stay alive longer)."""
+  leaf = jax.lax.stop_gradient(jax.tree_util.tree_leaves(ct)[0])
+  if (conv_lowering.platform(leaf) == "cpu" and leaf.dtype in (jnp.float32, jnp.bfloat16)
+      and onednn.available()):
+    probe = onednn.probe(leaf)
+  else:
+    probe = leaf.reshape(leaf.shape[0], -1)[:, 0].astype(jnp.float32)
   zero = jnp.zeros((), jnp.float32) * probe  # XLA folds x * 0 only for integers (NaN, inf)
 
   def tie(a):

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _TARGET = "brain_ldm_jax_onednn_conv"
+_PROBE_TARGET = "brain_ldm_jax_probe"
+_MATERIALIZE_TARGET = "brain_ldm_jax_materialize"
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _DIST = "onednn-cpu-gomp"
 _LIB_NAME = "libdnnl.so.3"
@@ -66,16 +68,55 @@ def unavailable_reason() -> str | None:
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-         padding: Sequence[tuple[int, int]]) -> jax.Array:
-  """Convolution through oneDNN: x (B, *spatial, Cin) float32, kernel (*k, Cin, Cout) float32."""
+         padding: Sequence[tuple[int, int]], bias: jax.Array | None = None) -> jax.Array:
+  """Convolution (+ bias) through oneDNN: x (B, *spatial, Cin), kernel (*k, Cin, Cout) and bias
+  (Cout,), all float32. oneDNN adds the bias and sums its gradient inside the convolution."""
   reason = _setup()
   if reason is not None:
     raise OnednnUnavailableError(f"conv impl 'onednn' is unavailable: {reason}")
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-    raise TypeError(f"conv impl 'onednn' takes float32 inputs, got {x.dtype} and {kernel.dtype}")
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[-1:], jnp.float32)
+  if {x.dtype, kernel.dtype, bias.dtype} != {jnp.dtype(jnp.float32)}:
+    raise TypeError(f"conv impl 'onednn' takes float32 inputs, got {x.dtype}, {kernel.dtype} "
+                    f"and bias {bias.dtype}")
   if not 1 <= x.ndim - 2 <= 3:
     raise ValueError(f"conv impl 'onednn' takes 1-3 spatial dims, got input shape {x.shape}")
-  return _conv(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding))
+
+
+def probe(x: jax.Array) -> jax.Array:
+  """x's first element per example, (B,) float32, read by a custom call from x in memory.
+
+  For ordering a hand-written backward pass (`layers.after`): XLA cannot fuse x's producer into
+  a custom call, so whatever is tied to the probe waits for x itself. A plain slice of x gets
+  fused with x's producer, which then keeps x's inputs alive for that one element. Built with
+  the convolution handler: needs `available()`. Takes float32 or bfloat16; no gradient.
+  """
+  if _setup() is not None:
+    raise OnednnUnavailableError(f"probe is unavailable: {_setup()}")
+  return jax.ffi.ffi_call(_PROBE_TARGET, jax.ShapeDtypeStruct(x.shape[:1], jnp.float32),
+                          vmap_method="sequential")(jax.lax.stop_gradient(x))
+
+
+@jax.custom_jvp
+def materialize(x: jax.Array) -> jax.Array:
+  """x, computed once into memory: a fusion barrier for XLA:CPU (a custom call whose output
+  aliases its input, so no copy).
+
+  XLA fuses an elementwise producer into every consumer that can take it, recomputing it per
+  consumer and keeping its inputs alive until the last; an expensive part shared by them (an exp)
+  is materialised on its own. Behind this call the producer runs once. (XLA:CPU drops
+  `lax.optimization_barrier` before fusion.) Needs `available()`; differentiates as identity.
+  """
+  if _setup() is not None:
+    raise OnednnUnavailableError(f"materialize is unavailable: {_setup()}")
+  return jax.ffi.ffi_call(_MATERIALIZE_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+
+
+@materialize.defjvp
+def _materialize_jvp(primals, tangents):
+  return materialize(primals[0]), tangents[0]
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -106,33 +147,35 @@ def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
   return (x_shape[0], *spatial, kernel_shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, kernel, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv(x, kernel, bias, strides, padding):
   y_shape = output_shape(x.shape, kernel.shape, strides, padding)
-  return _call(_FORWARD, x, kernel, y_shape, x.shape, kernel.shape, y_shape, strides, padding)
+  problem = (x.shape, kernel.shape, y_shape, strides, padding)
+  (y,) = _call(_FORWARD, (x, kernel, bias), (y_shape,), *problem)
+  return y
 
 
-def _conv_fwd(x, kernel, strides, padding):
-  return _conv(x, kernel, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, bias, strides, padding):
+  return _conv(x, kernel, bias, strides, padding), (x, kernel)
 
 
 def _conv_bwd(strides, padding, res, ct):
   x, kernel = res
   problem = (x.shape, kernel.shape, ct.shape, strides, padding)
-  dx = _call(_INPUT_GRAD, ct, kernel, x.shape, *problem)
-  dk = _call(_KERNEL_GRAD, x, ct, kernel.shape, *problem)
-  return dx, dk
+  (dx,) = _call(_INPUT_GRAD, (ct, kernel), (x.shape,), *problem)
+  dk, dbias = _call(_KERNEL_GRAD, (x, ct), (kernel.shape, kernel.shape[-1:]), *problem)
+  return dx, dk, dbias
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _call(pass_, a, b, out_shape, x_shape, kernel_shape, y_shape, strides, padding):
-  as_attr = lambda v: np.asarray(v, np.int64)
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+def _call(pass_, operands, out_shapes, x_shape, kernel_shape, y_shape, strides, padding):
+  as_attr = lambda v: np.asarray(v, np.int64)  # noqa: E731
+  return jax.ffi.ffi_call(_TARGET, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
                           vmap_method="sequential")(
-      a, b, pass_=np.int64(pass_), x_shape=as_attr(x_shape), kernel_shape=as_attr(kernel_shape),
-      y_shape=as_attr(y_shape), strides=as_attr(strides),
+      *operands, pass_=np.int64(pass_), x_shape=as_attr(x_shape),
+      kernel_shape=as_attr(kernel_shape), y_shape=as_attr(y_shape), strides=as_attr(strides),
       pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding]))
 
 
@@ -150,6 +193,10 @@ def _setup() -> str | None:
     if error is not None:
       raise OnednnUnavailableError(error.decode())
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler.BldmOnednnConvolution),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_PROBE_TARGET, jax.ffi.pycapsule(handler.BldmProbe),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_MATERIALIZE_TARGET, jax.ffi.pycapsule(handler.BldmMaterialize),
                                 platform="cpu")
   except (OnednnUnavailableError, OSError) as e:
     logging.warning("brain_ldm_jax: oneDNN convolutions unavailable, CPU convolutions use the "

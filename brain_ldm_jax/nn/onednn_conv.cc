@@ -4,9 +4,13 @@
 // the GEMM peak at 16-64 channels; oneDNN's direct convolution kernels reach 90-120 % (see
 // brain_ldm_jax/nn/onednn.py). One handler serves the three passes of a convolution:
 //
-//   pass 0 (forward):         a = x  (N, *S, Ci), b = w  (*K, Ci, Co) -> y  (N, *S', Co)
-//   pass 1 (input gradient):  a = dy (N, *S', Co), b = w               -> dx (N, *S, Ci)
-//   pass 2 (kernel gradient): a = x,  b = dy                           -> dw (*K, Ci, Co)
+//   pass 0 (forward):         a = x  (N, *S, Ci), b = w  (*K, Ci, Co), bias (Co) -> y (N, *S', Co)
+//   pass 1 (input gradient):  a = dy (N, *S', Co), b = w                    -> dx (N, *S, Ci)
+//   pass 2 (kernel gradient): a = x,  b = dy                        -> dw (*K, Ci, Co), dbias (Co)
+//
+// The bias rides along because oneDNN adds it (and sums its gradient) inside the convolution's own
+// loops: done in XLA, each is one more pass over a full-size tensor, and the bias gradient's
+// reduction kept a full-size buffer of its own alive at the autoencoder's memory peak.
 //
 // Activations stay channels-last (oneDNN's "nxc"); the kernel is reordered to the layout the chosen
 // oneDNN implementation wants on every call (it changes every training step, and the reorder is
@@ -58,8 +62,8 @@ constexpr int kForwardTraining = 64;     // dnnl_forward_training
 constexpr int kConvolutionDirect = 1;    // dnnl_convolution_direct
 constexpr int kQueryExecArgMd = 255;     // dnnl_query_exec_arg_md
 constexpr int kScratchpadModeUser = 1;   // dnnl_scratchpad_mode_user
-constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80;
-constexpr int kArgDiffSrc = 129, kArgDiffDst = 145, kArgDiffWeights = 161;
+constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgBias = 41, kArgScratchpad = 80;
+constexpr int kArgDiffSrc = 129, kArgDiffDst = 145, kArgDiffWeights = 161, kArgDiffBias = 169;
 void* const kNoHandle = nullptr;  // DNNL_MEMORY_NONE
 
 struct Dnnl {
@@ -179,6 +183,7 @@ struct Plan {
   dnnl_primitive_t kernel_reorder = nullptr;
   const_dnnl_memory_desc_t user_kernel_md = nullptr, impl_kernel_md = nullptr;
   const_dnnl_memory_desc_t a_md = nullptr, out_md = nullptr, b_md = nullptr, scratch_md = nullptr;
+  const_dnnl_memory_desc_t bias_md = nullptr;
   size_t impl_kernel_bytes = 0, scratch_bytes = 0;
 };
 
@@ -199,6 +204,10 @@ std::string BuildPlan(const Problem& p, Plan* plan) {
   dnnl_memory_desc_t y_md = ActivationMd(p.n, p.co, p.out_sp);
   dnnl_memory_desc_t any_k = AnyKernelMd(p);
   dnnl_memory_desc_t user_k = KernelMd(p);
+  dnnl_memory_desc_t bias_md = nullptr;
+  dnnl_dims_t bias_dims = {p.co}, bias_strides = {1};
+  d.memory_desc_create_with_strides(&bias_md, 1, bias_dims, kF32, bias_strides);
+  plan->bias_md = bias_md;
   dnnl_primitive_attr_t attr = nullptr;
   d.primitive_attr_create(&attr);
   d.primitive_attr_set_scratchpad_mode(attr, kScratchpadModeUser);
@@ -206,7 +215,7 @@ std::string BuildPlan(const Problem& p, Plan* plan) {
   // The forward descriptor is needed by all passes (as the backward passes' hint).
   dnnl_primitive_desc_t fwd = nullptr;
   dnnl_status_t s = d.convolution_forward_primitive_desc_create(
-      &fwd, d.engine, kForwardTraining, kConvolutionDirect, x_md, any_k, nullptr, y_md, strides,
+      &fwd, d.engine, kForwardTraining, kConvolutionDirect, x_md, any_k, bias_md, y_md, strides,
       dilates, pad_l, pad_r, attr);
   if (s != 0) return Status("convolution forward descriptor", s);
   dnnl_primitive_desc_t pd = fwd;
@@ -218,7 +227,7 @@ std::string BuildPlan(const Problem& p, Plan* plan) {
     if (s != 0) return Status("convolution input-gradient descriptor", s);
   } else if (p.pass == 2) {
     s = d.convolution_backward_weights_primitive_desc_create(
-        &pd, d.engine, kConvolutionDirect, x_md, any_k, nullptr, y_md, strides, dilates, pad_l,
+        &pd, d.engine, kConvolutionDirect, x_md, any_k, bias_md, y_md, strides, dilates, pad_l,
         pad_r, fwd, attr);
     if (s != 0) return Status("convolution kernel-gradient descriptor", s);
     kernel_arg = kArgDiffWeights;
@@ -266,7 +275,8 @@ struct Memory {
   dnnl_memory_t mem = nullptr;
 };
 
-std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* out) {
+// `bias` is pass 0's bias and pass 2's bias gradient; unused by pass 1.
+std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* bias, void* out) {
   Dnnl& d = *g_dnnl;
   dnnl_stream_t stream = nullptr;
   thread_local dnnl_stream_t tls_stream = nullptr;
@@ -288,20 +298,21 @@ std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* 
   }
   dnnl_status_t s;
   if (p.pass == 0) {
-    Memory x(plan.a_md, a), y(plan.out_md, out);
-    dnnl_exec_arg_t args[] = {{kArgSrc, x.mem}, {kArgWeights, impl_k.mem}, {kArgDst, y.mem},
-                              {kArgScratchpad, scratch_m.mem}};
-    s = d.primitive_execute(plan.conv, stream, 4, args);
+    Memory x(plan.a_md, a), y(plan.out_md, out), bias_m(plan.bias_md, bias);
+    dnnl_exec_arg_t args[] = {{kArgSrc, x.mem}, {kArgWeights, impl_k.mem}, {kArgBias, bias_m.mem},
+                              {kArgDst, y.mem}, {kArgScratchpad, scratch_m.mem}};
+    s = d.primitive_execute(plan.conv, stream, 5, args);
   } else if (p.pass == 1) {
     Memory dy(plan.a_md, a), dx(plan.out_md, out);
     dnnl_exec_arg_t args[] = {{kArgDiffDst, dy.mem}, {kArgWeights, impl_k.mem},
                               {kArgDiffSrc, dx.mem}, {kArgScratchpad, scratch_m.mem}};
     s = d.primitive_execute(plan.conv, stream, 4, args);
   } else {
-    Memory x(plan.a_md, a), dy(plan.b_md, b);
+    Memory x(plan.a_md, a), dy(plan.b_md, b), dbias(plan.bias_md, bias);
     dnnl_exec_arg_t args[] = {{kArgSrc, x.mem}, {kArgDiffDst, dy.mem},
-                              {kArgDiffWeights, impl_k.mem}, {kArgScratchpad, scratch_m.mem}};
-    s = d.primitive_execute(plan.conv, stream, 4, args);
+                              {kArgDiffWeights, impl_k.mem}, {kArgDiffBias, dbias.mem},
+                              {kArgScratchpad, scratch_m.mem}};
+    s = d.primitive_execute(plan.conv, stream, 5, args);
   }
   if (s != 0) return Status("convolution", s);
   if (plan.kernel_reorder && p.pass == 2) {
@@ -322,8 +333,8 @@ std::vector<int64_t> ToVector(ffi::Span<const int64_t> s) {
   return std::vector<int64_t>(s.begin(), s.end());
 }
 
-ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                       ffi::ResultBuffer<ffi::F32> out, int64_t pass,
+ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::RemainingArgs extra_args,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets extra_rets, int64_t pass,
                        ffi::Span<const int64_t> x_shape, ffi::Span<const int64_t> kernel_shape,
                        ffi::Span<const int64_t> y_shape, ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
@@ -362,7 +373,19 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     }
     plan = it->second.get();
   }
-  std::string err = Execute(*plan, p, a.untyped_data(), b.untyped_data(), out->untyped_data());
+  // Pass 0 takes the bias as a third operand; pass 2 returns the bias gradient second.
+  void* bias = nullptr;
+  if (pass == 0) {
+    auto arg = extra_args.get<ffi::Buffer<ffi::F32>>(0);
+    if (arg.has_error()) return arg.error();
+    bias = arg->untyped_data();
+  } else if (pass == 2) {
+    auto ret = extra_rets.get<ffi::Buffer<ffi::F32>>(0);
+    if (ret.has_error()) return ret.error();
+    bias = (*ret)->untyped_data();
+  }
+  std::string err =
+      Execute(*plan, p, a.untyped_data(), b.untyped_data(), bias, out->untyped_data());
   if (!err.empty()) return ffi::Error::Internal(err);
   return ffi::Error::Success();
 }
@@ -377,7 +400,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
                               xla::ffi::Ffi::Bind()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .RemainingRets()
                                   .Attr<int64_t>("pass_")
                                   .Attr<xla::ffi::Span<const int64_t>>("x_shape")
                                   .Attr<xla::ffi::Span<const int64_t>>("kernel_shape")
@@ -385,6 +410,68 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
                                   .Attr<xla::ffi::Span<const int64_t>>("strides")
                                   .Attr<xla::ffi::Span<const int64_t>>("pad_lo")
                                   .Attr<xla::ffi::Span<const int64_t>>("pad_hi"));
+
+// ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
+//
+// Probe: the first element of each example of x, as float32 (B,). An ordering tool for hand-scheduled backward passes (`layers.after`). A
+// value tied to this probe cannot be computed before x exists in memory, because XLA cannot fuse
+// x's producer into a custom call. A tie through a plain slice of x does not hold: XLA fuses
+// the slice with x's producer and computes that one element from x's inputs, keeping them alive.
+
+namespace {
+
+xla::ffi::Error Probe(xla::ffi::AnyBuffer x, xla::ffi::ResultBuffer<xla::ffi::F32> out) {
+  auto dims = x.dimensions();
+  int64_t batch = dims.size() ? dims[0] : 1;
+  int64_t per_example = batch ? static_cast<int64_t>(x.element_count()) / batch : 0;
+  float* dst = out->typed_data();
+  for (int64_t b = 0; b < batch; ++b) {
+    if (per_example == 0) {
+      dst[b] = 0.0f;
+    } else if (x.element_type() == xla::ffi::DataType::F32) {
+      dst[b] = static_cast<const float*>(x.untyped_data())[b * per_example];
+    } else if (x.element_type() == xla::ffi::DataType::BF16) {
+      uint32_t bits = static_cast<uint32_t>(
+                          static_cast<const uint16_t*>(x.untyped_data())[b * per_example])
+                      << 16;
+      std::memcpy(&dst[b], &bits, sizeof(float));
+    } else {
+      return xla::ffi::Error::InvalidArgument("probe takes float32 or bfloat16");
+    }
+  }
+  return xla::ffi::Error::Success();
+}
+
+// ---- Materialize: x itself, in memory (the output aliases the input; XLA passes one buffer). ----
+//
+// A fusion barrier: XLA fuses an elementwise producer into each of its consumers, recomputing it
+// per consumer and keeping its inputs alive until the last one; behind this call it is computed
+// once, into memory. (XLA:CPU drops optimization barriers before fusion.)
+
+xla::ffi::Error Materialize(xla::ffi::AnyBuffer x, xla::ffi::Result<xla::ffi::AnyBuffer> out) {
+  if (out->untyped_data() != x.untyped_data()) {
+    std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return xla::ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmMaterialize(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmMaterialize, Materialize,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>());
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmProbe(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmProbe, Probe,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
 
 // Resolves oneDNN's C API from the library at `path` and creates the CPU engine. Returns null on
 // success, otherwise a static error message.
