@@ -101,9 +101,10 @@ def upsample_nearest2(x: jax.Array) -> jax.Array:
 # (w0 + w1, w2).
 _PHASE_PADDING = ((1, 0), (0, 1))
 # Below this many input voxels (batch included) the 8 parity convolutions lose: their kernels
-# (64 taps against 27) dominate (fwd+bwd at 6x8x6, 256 channels: 154 vs 71 ms; at 5x7x5, batch 6,
-# 64 channels: even; at 10x14x10, 128 channels: 55 vs 89 ms).
-_SUBPIXEL_MIN_VOXELS = 1024
+# (64 taps against 27) dominate. With the oneDNN convolutions (fwd / fwd+bwd, ms, sub-pixel vs
+# upsample-then-conv): 3x4x3, 768 channels: 113 / 645 vs 64 / 192; 6x8x6, 512: 83 / 451 vs
+# 153 / 437; 6x8x6 batch 2, 512: 133 / 559 vs 263 / 827; 5x7x5 batch 6, 64: 3.6 / 13 vs 7.7 / 25.
+_SUBPIXEL_MIN_VOXELS = 256
 
 
 def _phase_kernel(kernel, parities):
