@@ -9,7 +9,7 @@ import pytest
 
 from brain_ldm_jax.nn import conv_lowering
 
-REWRITES = ("onednn", "depth_sum", "depth_fold", "im2col", "native_im2col")
+REWRITES = ("onednn", "depth_sum", "depth_fold", "im2col", "native_im2col", "patches")
 
 # (kernel size, stride, padding per axis): the network's 3^3 conv, its stride-2 downsample, 1^3.
 CASES = [(3, 1, (1, 1)), (3, 2, (0, 1)), (1, 1, (0, 0)), (1, 2, (0, 0))]
@@ -112,7 +112,7 @@ def test_choose_impl_rule():
   assert choose((1, 20, 28, 20, 7), (3, 3, 3, 7, 32), s1, "cpu") == "depth_fold"
   assert choose((1, 40, 56, 40, 1), (3, 3, 3, 1, 16), s1, "cpu") == "im2col"
   assert choose((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1, "cpu") == "native_im2col"
-  assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu") == "native_im2col"
+  assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu") == "patches"
   assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu") == "native"
   # With oneDNN: oneDNN for every 3D conv but the tiny volumes.
   for x_shape, k_shape, s in [((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s2),
@@ -120,7 +120,7 @@ def test_choose_impl_rule():
                               ((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1),
                               ((6, 5, 7, 5, 64), (3, 3, 3, 64, 64), s1)]:
     assert choose(x_shape, k_shape, s, "cpu", onednn=True) == "onednn"
-  assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu", onednn=True) == "native_im2col"
+  assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu", onednn=True) == "patches"
   assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu", onednn=True) == "native"
   for platform in ("gpu", "cuda", "rocm", "tpu"):
     assert choose((1, 40, 56, 40, 16), (3, 3, 3, 16, 16), s1, platform) == "native"

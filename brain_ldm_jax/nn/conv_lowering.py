@@ -22,11 +22,12 @@ Lowerings of a 3D convolution (all exact: the same sums in another order):
   im2col      all taps folded into channels: one matmul (out_voxels, k^3*Cin) @ (k^3*Cin, Cout).
               XLA:CPU's 27-way concatenation is slow, so this pays only for 1^3 kernels (a plain
               matmul, no concatenation) and for Cin = 1 (the first layer).
-  native_im2col  the native conv forward with im2col's matmul gradients. For 1^3 kernels (XLA:CPU
-              runs a 1^3 conv 1.2-1.6x faster than the equivalent matmul, and its gradients 2-3x
-              slower) and for tiny volumes such as the paper UNet's 3x4x3 level (768 channels: the
-              native forward 2.7x faster than depth_sum's three 2D convs; im2col's 27 taps of 36
-              voxels are a small copy beside 64 MB of weights).
+  native_im2col  the native conv forward with im2col's matmul gradients. For 1^3 kernels without
+              oneDNN (XLA:CPU runs a 1^3 conv 1.2-1.6x faster than the equivalent matmul, and its
+              gradients 2-3x slower).
+  patches     every tap's input slice stacked in the kernel's own order: one matmul with the
+              kernel as stored (no reorder, no copy), and two for the gradients. For tiny volumes
+              such as the paper UNet's 3x4x3 level, where 64 MB of weights meet 36 voxels.
 2D (or 1D) inputs always use the native convolution.
 
 The rewrites' custom VJP has no forward-mode rule (jax.jvp / jacfwd raise); use impl="native" for
@@ -45,7 +46,8 @@ import numpy as np
 
 from brain_ldm_jax.nn import onednn
 
-IMPLS = ("auto", "native", "onednn", "depth_sum", "depth_fold", "im2col", "native_im2col")
+IMPLS = ("auto", "native", "onednn", "depth_sum", "depth_fold", "im2col", "native_im2col",
+         "patches")
 
 # `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512). Without
 # oneDNN: at small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
@@ -55,8 +57,11 @@ IMPLS = ("auto", "native", "onednn", "depth_sum", "depth_fold", "im2col", "nativ
 _FOLD_MAX_CIN = 8
 # At Cin = 1 even all 27 taps make only 27 channels: one matmul beats both (fwd+bwd 14x vs 11x).
 _IM2COL_MAX_CIN = 1
-# At most this many output voxels (batch included), native_im2col: fwd+bwd at 3x4x3, 768 -> 768
-# channels 73 ms vs onednn 107 ms and depth_sum 125 ms; at 6x8x6 (288 voxels) the others are ahead.
+# At most this many input voxels (batch included), patches: weight-bound (at 3x4x3, 768 -> 768
+# channels, 64 MB of kernel for 36 voxels), where the kernel read once as stored wins: fwd+bwd
+# 44 ms vs onednn 115 ms (it reorders the kernel each pass), native_im2col 79 ms, torch 51 ms. At
+# 5x7x5 (175 voxels) it still wins fwd+bwd (113 vs 152 ms), ties the forward; at 6x8x6 (288) and
+# at 64 channels onednn is 2-4x ahead.
 _TINY_MAX_VOXELS = 128
 
 # Kernel-gradient chunks hold about this many input floats (rows * Cin): ~1 MiB, Zen 4's L2.
@@ -178,7 +183,7 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
   if platform != "cpu" or len(x_shape) != 5:
     return "native"
   if np.prod(x_shape[:4]) <= _TINY_MAX_VOXELS:
-    return "native_im2col"
+    return "patches"
   if onednn:
     return "onednn"
   if all(k == 1 for k in kernel_shape[:3]):
@@ -387,7 +392,25 @@ def _native_im2col_bwd(strides, padding, res, ct):
 
 _native_im2col.defvjp(_native_im2col_fwd, _native_im2col_bwd)
 
+def _patches(x, kernel, strides, padding):
+  """Every tap's (strided) input slice stacked in the kernel's own (kd, kh, kw, Cin) order: one
+  matmul with the kernel as it is stored, no copy of it. For tiny volumes, where the kernel (64 MB
+  at 768 channels) is the cost: its autodiff is two more plain matmuls."""
+  k_sp = kernel.shape[:-2]
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out_sp = [(n - k) // s + 1 for n, k, s in zip(xp.shape[1:-1], k_sp, strides)]
+  taps = [lax.slice(xp, (0, *offset, 0),
+                    (xp.shape[0], *(o + (n - 1) * s + 1 for o, n, s in zip(offset, out_sp, strides)),
+                     xp.shape[-1]),
+                    (1, *strides, 1))
+          for offset in np.ndindex(*k_sp)]
+  cols = jnp.stack(taps, axis=-2).reshape(-1, len(taps) * x.shape[-1])
+  y = cols @ kernel.reshape(-1, kernel.shape[-1])
+  return y.reshape(x.shape[0], *out_sp, kernel.shape[-1])
+
+
 _LOWERINGS = {
+    "patches": _patches,
     "depth_sum": _depth_sum_vjp,
     "depth_fold": _with_chunked_vjp(_depth_fold),
     "im2col": _im2col,
