@@ -114,13 +114,18 @@ def test_choose_impl_rule():
   assert choose((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1, "cpu") == "native_im2col"
   assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu") == "patches"
   assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu") == "native"
-  # With oneDNN: oneDNN for every 3D conv but the tiny volumes.
+  # With oneDNN: oneDNN for every 3D conv but the weight-bound ones.
   for x_shape, k_shape, s in [((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s2),
                               ((1, 40, 56, 40, 1), (3, 3, 3, 1, 16), s1),
                               ((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1),
                               ((6, 5, 7, 5, 64), (3, 3, 3, 64, 64), s1)]:
     assert choose(x_shape, k_shape, s, "cpu", onednn=True) == "onednn"
+  # Weight-bound: the paper UNet's 768-channel levels at 3x4x3 and 5x7x5 (batch 1).
   assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu", onednn=True) == "patches"
+  assert choose((1, 5, 7, 5, 768), (3, 3, 3, 768, 768), s1, "cpu", onednn=True) == "patches"
+  assert choose((2, 5, 7, 5, 768), (3, 3, 3, 768, 768), s1, "cpu", onednn=True) == "onednn"
+  assert choose((1, 6, 8, 6, 512), (3, 3, 3, 512, 512), s1, "cpu", onednn=True) == "onednn"
+  assert choose((2, 4, 4, 4, 16), (3, 3, 3, 16, 16), s1, "cpu", onednn=True) == "onednn"
   assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu", onednn=True) == "native"
   for platform in ("gpu", "cuda", "rocm", "tpu"):
     assert choose((1, 40, 56, 40, 16), (3, 3, 3, 16, 16), s1, platform) == "native"

@@ -57,11 +57,14 @@ IMPLS = ("auto", "native", "onednn", "depth_sum", "depth_fold", "im2col", "nativ
 _FOLD_MAX_CIN = 8
 # At Cin = 1 even all 27 taps make only 27 channels: one matmul beats both (fwd+bwd 14x vs 11x).
 _IM2COL_MAX_CIN = 1
-# At most this many input voxels (batch included), patches: weight-bound (at 3x4x3, 768 -> 768
-# channels, 64 MB of kernel for 36 voxels), where the kernel read once as stored wins: fwd+bwd
-# 44 ms vs onednn 115 ms (it reorders the kernel each pass), native_im2col 79 ms, torch 51 ms. At
-# 5x7x5 (175 voxels) it still wins fwd+bwd (113 vs 152 ms), ties the forward; at 6x8x6 (288) and
-# at 64 channels onednn is 2-4x ahead.
+# Weight-bound convolutions (kernel taps * Cout at least this many times the input voxels, batch
+# included) use `patches`, which reads the kernel once as stored: at 3x4x3, 768 -> 768 channels
+# (ratio 576) fwd+bwd 44 ms vs onednn 115 ms (it reorders the 64 MB kernel each pass),
+# native_im2col 79 ms, torch 51 ms; at 5x7x5, 768 (ratio 118) fwd / fwd+bwd 34 / 109 ms vs onednn
+# 45 / 153. At 5x7x5, 512 (79) and 6x8x6, 768 (72) they tie; at 6x8x6, 512 (48) onednn is ahead.
+_PATCHES_MIN_KERNEL_PER_VOXEL = 100
+# Without oneDNN, at most this many input voxels use native_im2col (at 3x4x3, 768 channels, the
+# native forward is 2.7x faster than depth_sum's three 2D convs).
 _TINY_MAX_VOXELS = 128
 
 # Kernel-gradient chunks hold about this many input floats (rows * Cin): ~1 MiB, Zen 4's L2.
@@ -182,11 +185,12 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
   del strides  # the rewrites won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
   if platform != "cpu" or len(x_shape) != 5:
     return "native"
-  if np.prod(x_shape[:4]) <= _TINY_MAX_VOXELS:
+  voxels = np.prod(x_shape[:4])
+  if np.prod(kernel_shape[:3]) * kernel_shape[-1] >= _PATCHES_MIN_KERNEL_PER_VOXEL * voxels:
     return "patches"
   if onednn:
     return "onednn"
-  if all(k == 1 for k in kernel_shape[:3]):
+  if all(k == 1 for k in kernel_shape[:3]) or voxels <= _TINY_MAX_VOXELS:
     return "native_im2col"
   if kernel_shape[3] <= _IM2COL_MAX_CIN:
     return "im2col"
