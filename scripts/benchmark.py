@@ -1,6 +1,6 @@
 r"""One benchmark of brain_ldm_jax against MONAI: same networks, same weights, same CPU and threads.
 
-    python scripts/benchmark.py                    # everything (memory alone compiles > 6 min)
+    python scripts/benchmark.py                    # everything (about 6 min on 2 cores)
     python scripts/benchmark.py --quick            # 2 repeats, paper UNet width / 4, no memory
     python scripts/benchmark.py --cases unet_demo,ddim --repeats 5
     python scripts/benchmark.py --threads 1        # both libraries on one core
@@ -20,14 +20,14 @@ Cases (`--cases`, comma-separated; default all):
   ae_step      Autoencoder train step, demo preset: our jitted step from train/autoencoder.build vs
                MONAI AutoencoderKL + PatchDiscriminator with Adam, L1 + KL + LSGAN
                (PatchAdversarialLoss), the discriminator updated on the same step.
-  ldm_step     LDM train step, demo preset (batch 8, cached latents): train/ldm.build vs the MONAI
+  ldm_step     LDM train step, demo preset (its batch size, cached latents): train/ldm.build vs the MONAI
                UNet, DDPMScheduler.add_noise, ε-MSE, Adam and an EMA of the weights.
   msssim       3D MS-SSIM throughput at the demo volume size (2 scales fit): metrics.ssim vs
                MONAI MultiScaleSSIMMetric.
   memory       Compiled (not run) paper-size (160×224×160) autoencoder train step, batch 1,
-               autoencoder.remat=True, with this CPU's conv rewrites and with the native conv
-               (what GPU/TPU run), float32 and bfloat16: XLA's memory analysis of the executable
-               for XLA:CPU (about 1.5 min of compiling); not in --quick.
+               autoencoder.remat=True, with this CPU's convolutions (oneDNN) and with the native
+               conv (what GPU/TPU run), float32 and bfloat16: XLA's memory analysis of the
+               executable for XLA:CPU (under a minute of compiling); not in --quick.
 
 Every timing is the median of `--repeats` after a warm-up call (compilation excluded); ours and
 MONAI's calls alternate (round-robin) together with a float32 GEMM, so load from other jobs hits
@@ -558,8 +558,8 @@ def case_memory(report, args):
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
-  # auto: this CPU's conv rewrites; native: the convolution GPU/TPU compile (cuDNN / TPU conv unit
-  # on those backends); bfloat16: the compute dtype the paper preset uses on accelerators.
+  # auto: this CPU's convolutions (oneDNN); native: the convolution GPU/TPU compile (cuDNN / TPU
+  # conv unit on those backends); bfloat16: the compute dtype the paper preset uses on accelerators.
   variants = [("auto", "float32", True), ("native", "float32", True), ("native", "bfloat16", True)]
   if args.memory_no_remat:
     variants.append(("native", "float32", False))
