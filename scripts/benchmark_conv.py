@@ -131,7 +131,8 @@ def default_impls(shape):
   if k == 1:
     return ["native", "onednn", "im2col", "native_im2col"]
   few = cin <= 8 or b * np.prod(spatial) <= 4096
-  return ["native", "onednn", "depth_sum", "depth_fold"] + (["im2col", "native_im2col"] if few else [])
+  return (["native", "onednn", "depth_sum", "depth_fold"]
+          + (["im2col", "native_im2col", "patches"] if few else []))
 
 
 def benchmark_shape(shape, impls, repeats, threads, with_torch):
