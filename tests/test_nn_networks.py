@@ -254,9 +254,12 @@ def test_res_block_ordered_backward_lowers_its_peak():
   assert ordered < 0.8 * generic, (ordered, generic)
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_custom_vjp_matches_autodiff(silu):
+def test_group_norm_custom_vjp_matches_autodiff(silu, lean, monkeypatch):
+  # lean: the backward pass large tensors take (no full-size intermediate kept).
   from brain_ldm_jax.nn import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "_GROUP_NORM_LEAN_BWD_ELEMENTS", 0 if lean else 2**62)
   rng = np.random.default_rng(7)
   x = jnp.asarray(3.0 + rng.standard_normal((2, 5, 6, 4, 12)), jnp.float32)  # large mean
   scale = jnp.asarray(1 + 0.3 * rng.standard_normal(12), jnp.float32)
