@@ -1,7 +1,7 @@
 r"""What is alive at the memory peak of the paper autoencoder train step, as XLA:CPU compiles it.
 
     python scripts/memory_peak.py                          # 160×224×160, batch 1, remat
-    python scripts/memory_peak.py --shape 80,112,80        # 8× smaller: same peak, 10 s compiles
+    python scripts/memory_peak.py --shape 80,112,80        # the same peak at 1/8 the size
     python scripts/memory_peak.py --conv_impl native --dtype bfloat16 --top 20
 
 Compiles (does not run) the adversarial step of `train/autoencoder.py` with the paper preset,
