@@ -8,10 +8,14 @@ r"""One benchmark of brain_ldm_jax against MONAI: same networks, same weights, s
 Cases (`--cases`, comma-separated; default all):
   unet_demo    UNet forward, demo preset, at the demo latent shape (10×14×10).
   unet_paper   UNet forward at the paper's channels / `--paper_width_divisor` on a small latent
-               (`--paper_latent`, default 12×16×12; 10×14×10 does not halve twice).
+               (`--paper_latent`, default 12×16×12; 10×14×10 does not halve twice) and, unless
+               --quick, on the paper's own latent, 20×28×20 (160×224×160 / 8).
   ddim         DDIM-50 sample + decode per volume, demo preset. Ours: `api.make_sampler` (one jitted
                program); MONAI: a Python loop over `DDIMScheduler.step` with the MONAI UNet, then
                `AutoencoderKL.decode_stage_2_outputs`, under `torch.no_grad`.
+  ddim_paper   The same with the `unet_paper` UNet on the `--paper_latent` (the demo autoencoder
+               decodes it): one round, no warm-up call (each side makes 50 paper-width UNet calls;
+               about 3 min at 12×16×12).
   dpmpp        DPM-Solver++(2M) at the smallest N in {10, 15, 20, 25} whose final latent is as close
                to DDIM-200's (same noise) as DDIM-50's is; timed like `ddim` (vs MONAI's DDIM-50,
                MONAI has no DPM-Solver++). With random weights this is a numerical-accuracy proxy.
@@ -53,9 +57,10 @@ import time
 
 import numpy as np
 
-ALL_CASES = ("unet_demo", "unet_paper", "ddim", "dpmpp", "overhead", "ae_step", "ldm_step",
+ALL_CASES = ("unet_demo", "unet_paper", "ddim", "ddim_paper", "dpmpp", "overhead", "ae_step", "ldm_step",
              "msssim", "memory")
 DPM_CANDIDATES = (10, 15, 20, 25)
+PAPER_LATENT = (20, 28, 20)  # 160×224×160 over the paper autoencoder's ×8 downsampling
 _EXTRA = ("remat", "dtype", "conv_impl")
 
 # Imported in main() once the thread count is set (XLA reads it when it starts).
@@ -80,9 +85,9 @@ def set_threads(threads: int) -> int:
   return threads
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
+def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
   """{name: median seconds}: each round calls every candidate once (after one warm-up each)."""
-  for fn in fns.values():
+  for fn in fns.values() if warmup else ():
     fn()
   times = {name: [] for name in fns}
   for _ in range(repeats):
@@ -312,14 +317,39 @@ class DemoSampling:
     return call
 
 
-def case_ddim(report, args, demo: DemoSampling):
+def case_ddim(report, args, demo: DemoSampling, name="DDIM-50 sample + decode (demo)",
+              repeats=None, warmup=True, note=""):
   ours, flops, compile_s = demo.ours_ddim
-  times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": demo.monai_ddim}, args.repeats)
-  report.compare("DDIM-50 sample + decode (demo)", "per volume (batch 1)", times["ours"],
-                 times["monai"], flops, times["gemm"],
-                 f"ours: api.make_sampler jitted (leading timesteps); flops = XLA's count + "
+  times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": demo.monai_ddim},
+                      repeats or args.repeats, warmup)
+  report.compare(name, "per volume (batch 1)", times["ours"], times["monai"], flops, times["gemm"],
+                 f"{note}ours: api.make_sampler jitted (leading timesteps); flops = XLA's count + "
                  f"49 × one UNet call (XLA counts a scan body once); MONAI: Python loop over "
                  f"DDIMScheduler.step (linspace); compile {compile_s:.0f} s")
+
+
+def paper_unet(args):
+  """(section, name, latent spatial shape) of the `unet_paper` and `ddim_paper` cases."""
+  from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
+  section = presets.base_config("paper").unet
+  div = args.paper_width_divisor
+  section.channels = tuple(c // div for c in section.channels)
+  section.num_head_channels = tuple(c // div for c in section.num_head_channels)
+  spatial = tuple(int(s) for s in args.paper_latent.split(","))
+  return section, f"UNet paper width/{div}" if div > 1 else "UNet paper width", spatial
+
+
+def case_ddim_paper(report, args):
+  from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
+  section, name, spatial = paper_unet(args)
+  config = presets.base_config("demo")
+  config.unet = section
+  factor = 2 ** (len(config.autoencoder.channels) - 1)
+  config.data.shape = tuple(factor * s for s in spatial)
+  case_ddim(report, args, DemoSampling(config),
+            f"DDIM-50 sample + decode ({name}, {'×'.join(map(str, spatial))} latent)",
+            repeats=1, warmup=False,
+            note="one round, no warm-up; the demo autoencoder decodes; ")
 
 
 def dpm_quality_match(demo: DemoSampling, num_samples: int = 2):
@@ -700,13 +730,12 @@ def main():
       from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
       case_unet(report, args, "UNet demo", demo_cfg.unet, ldm_stage.latent_shape(demo_cfg)[:-1])
     elif case == "unet_paper":
-      section = presets.base_config("paper").unet
-      div = args.paper_width_divisor
-      section.channels = tuple(c // div for c in section.channels)
-      section.num_head_channels = tuple(c // div for c in section.num_head_channels)
-      spatial = tuple(int(s) for s in args.paper_latent.split(","))
-      case_unet(report, args, f"UNet paper width/{div}" if div > 1 else "UNet paper width",
-                section, spatial)
+      section, name, spatial = paper_unet(args)
+      case_unet(report, args, name, section, spatial)
+      if not args.quick and spatial != PAPER_LATENT:
+        case_unet(report, args, name, section, PAPER_LATENT)
+    elif case == "ddim_paper":
+      case_ddim_paper(report, args)
     elif case in ("ddim", "dpmpp"):
       demo_sampling = demo_sampling or DemoSampling(demo_cfg)
       if case == "ddim":

@@ -40,7 +40,10 @@ SHAPES = {
     "ae40_128_128": (1, (40, 56, 40), 128, 128, 3, 1, (1, 1)),
     "down40_128": (1, (40, 56, 40), 128, 128, 3, 2, (0, 1)),
     "unet20_256_256": (1, (20, 28, 20), 256, 256, 3, 1, (1, 1)),
+    "unet20_512_256": (1, (20, 28, 20), 512, 256, 3, 1, (1, 1)),  # the up path's concatenations
+    "unet20_768_256": (1, (20, 28, 20), 768, 256, 3, 1, (1, 1)),
     "unet10_512_512": (1, (10, 14, 10), 512, 512, 3, 1, (1, 1)),
+    "unet10_1024_512": (1, (10, 14, 10), 1024, 512, 3, 1, (1, 1)),
     "unet5_768_768": (1, (5, 7, 5), 768, 768, 3, 1, (1, 1)),  # the paper latent's lowest level
     "unet5_512_512": (1, (5, 7, 5), 512, 512, 3, 1, (1, 1)),
     "p6_768_768": (1, (6, 8, 6), 768, 768, 3, 1, (1, 1)),
@@ -132,7 +135,8 @@ def default_impls(shape):
     return ["native", "onednn", "im2col", "native_im2col"]
   few = cin <= 8 or b * np.prod(spatial) <= 4096
   return (["native", "onednn", "depth_sum", "depth_fold"]
-          + (["im2col", "native_im2col", "patches"] if few else []))
+          + (["im2col", "native_im2col", "patches"] if few else [])
+          + (["winograd"] if s == 1 and cin >= 32 else []))
 
 
 def benchmark_shape(shape, impls, repeats, threads, with_torch):

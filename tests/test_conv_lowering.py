@@ -63,6 +63,40 @@ def test_3d_lowering_matches_native(impl, k, stride, pad):
   _check_against_native(impl, (6, 7, 5), k, stride, pad)
 
 
+@pytest.mark.parametrize("spatial,pad,strides,plane_min", [
+    ((6, 8, 5), ((1, 1),) * 3, (1, 1, 1), 1),  # whole tiles, along depth and height
+    ((5, 7, 5), ((1, 1),) * 3, (1, 1, 1), 1),  # odd sizes: the last tiles' second rows are cut
+    ((5, 6, 5), ((0, 2), (1, 0), (1, 1)), (1, 1, 2), 1),  # uneven padding, width stride
+    ((5, 6, 5), ((0, 2), (0, 1), (1, 1)), (1, 2, 1), 1),  # height stride 2: depth only
+    ((6, 8, 5), ((1, 1),) * 3, (1, 1, 1), 10**9),  # a small plane: depth only
+])
+def test_winograd_matches_native(monkeypatch, spatial, pad, strides, plane_min):
+  # Value (with bias) and both gradients against the native convolution. The forward pass runs
+  # along depth and height (plane_min 1) or depth only; the gradients along depth only.
+  monkeypatch.setattr(conv_lowering, "_WINOGRAD_DH_MIN_PLANE", plane_min)
+  x, w = _inputs(spatial, 3, cin=5, cout=4)
+  bias = jax.random.normal(jax.random.PRNGKey(3), (4,))
+
+  def value_and_grads(impl):
+    def f(x, w, bias):
+      return conv_lowering.conv(x, w, bias, strides=strides, padding=pad, impl=impl)
+    y = f(x, w, bias)
+    ct = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(x, w, bias)
+    return (y, *grads)
+
+  got = jax.jit(lambda: value_and_grads("winograd"))()
+  for name, g, r in zip(("y", "dx", "dw", "dbias"), got, value_and_grads("native")):
+    assert g.shape == r.shape, (name, g.shape, r.shape)
+    assert _rel(g, r) < 1e-5, (name, _rel(g, r))
+
+
+def test_winograd_rejects_other_kernels():
+  x, w = _inputs((6, 7, 5), 1)
+  with pytest.raises(ValueError, match="kernel size 3 and stride 1 along depth"):
+    conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((0, 0),) * 3, impl="winograd")
+
+
 @pytest.mark.parametrize("stride,pad,min_rows,chunks", [(1, (1, 1), 80, (1, 6)),
                                                           (2, (0, 1), 150, (2, 2))])
 def test_chunked_kernel_grad_matches_native(monkeypatch, stride, pad, min_rows, chunks):
@@ -114,8 +148,19 @@ def test_choose_impl_rule():
   assert choose((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1, "cpu") == "native_im2col"
   assert choose((1, 3, 4, 3, 768), (3, 3, 3, 768, 768), s1, "cpu") == "patches"
   assert choose((1, 40, 56, 16), (3, 3, 16, 16), (1, 1), "cpu") == "native"
-  # With oneDNN: oneDNN for every 3D conv but the weight-bound ones.
+  # With oneDNN: winograd for 3^3 convs with many channels on large planes (not too large).
+  for x_shape, cin, cout in [((1, 20, 28, 20), 256, 256), ((1, 20, 28, 20), 768, 256),
+                             ((1, 12, 16, 12), 512, 256), ((1, 10, 14, 10), 1024, 512),
+                             ((1, 40, 56, 40), 128, 128), ((6, 10, 14, 10), 64, 64)]:
+    assert choose((*x_shape, cin), (3, 3, 3, cin, cout), s1, "cpu", onednn=True) == "winograd"
+  # oneDNN for every other 3D conv but the weight-bound ones: small planes, few channels, strides,
+  # other kernels, and inputs too large to keep twice (the paper autoencoder's 128 channels).
   for x_shape, k_shape, s in [((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s2),
+                              ((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s1),
+                              ((1, 20, 28, 20, 128), (3, 3, 3, 128, 128), s2),
+                              ((1, 6, 8, 6, 512), (3, 3, 3, 512, 512), s1),
+                              ((1, 160, 224, 160, 128), (3, 3, 3, 128, 64), s1),
+                              ((1, 80, 112, 80, 64), (3, 3, 3, 64, 64), s1),
                               ((1, 40, 56, 40, 1), (3, 3, 3, 1, 16), s1),
                               ((1, 20, 28, 20, 256), (1, 1, 1, 256, 512), s1),
                               ((6, 5, 7, 5, 64), (3, 3, 3, 64, 64), s1)]:
@@ -134,7 +179,7 @@ def test_choose_impl_rule():
 def test_unknown_impl_raises():
   x, w = _inputs((6, 7, 5), 3)
   with pytest.raises(ValueError, match="unknown"):
-    conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3, impl="winograd")
+    conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3, impl="fft")
 
 
 @pytest.mark.parametrize("impl", ["auto", "depth_sum"])

@@ -6,7 +6,8 @@ than PyTorch's (see DESIGN.md §5): `impl="auto"` uses oneDNN's convolutions thr
 call (`onednn.py`) where that is available, and exact rewrites into XLA operations where it is not.
 `choose_impl` holds the rule.
 
-Lowerings of a 3D convolution (all exact: the same sums in another order):
+Lowerings of a 3D convolution (all exact in exact arithmetic; all but winograd compute the same
+sums in another order):
   native      lax.conv_general_dilated in 3D.
   onednn      oneDNN's direct convolution, forward and both gradients, as an XLA FFI custom call
               (CPU, float32). 1-2x torch's speed and 2-100x native's, at every shape the networks use
@@ -28,6 +29,13 @@ Lowerings of a 3D convolution (all exact: the same sums in another order):
   patches     every tap's input slice stacked in the kernel's own order: one matmul with the
               kernel as stored (no reorder, no copy), and two for the gradients. For tiny volumes
               such as the paper UNet's 3x4x3 level, where 64 MB of weights meet 36 voxels.
+  winograd    Winograd's F(2,3) (Lavin & Gray 2016) along depth and height, oneDNN's 1D
+              convolutions along width: each 2x2 block of output rows from 16 width convolutions
+              of transformed input rows instead of 36, 4/9 of the multiply-adds (along depth
+              alone, with 2D convolutions, on planes under 192 voxels: 4 instead of 6, 2/3). The
+              gradients are those of the depth-only form. Its float32 rounding differs from the
+              direct sums no more than oneDNN's does from XLA's (max error / max |y| 1-4e-6 vs
+              3e-6, float64 reference). Kernel size 3 and stride 1 along depth and height.
 2D (or 1D) inputs always use the native convolution.
 
 The rewrites' custom VJP has no forward-mode rule (jax.jvp / jacfwd raise); use impl="native" for
@@ -47,7 +55,7 @@ import numpy as np
 from brain_ldm_jax.nn import onednn
 
 IMPLS = ("auto", "native", "onednn", "depth_sum", "depth_fold", "im2col", "native_im2col",
-         "patches")
+         "patches", "winograd")
 
 # `choose_impl` thresholds, from scripts/benchmark_conv.py on a 2-core Zen 4 (AVX-512). Without
 # oneDNN: at small Cin the 2D convs of depth_sum have too little work per GEMM; folding the depth taps into
@@ -63,6 +71,19 @@ _IM2COL_MAX_CIN = 1
 # native_im2col 79 ms, torch 51 ms; at 5x7x5, 768 (ratio 118) fwd / fwd+bwd 34 / 109 ms vs onednn
 # 45 / 153. At 5x7x5, 512 (79) and 6x8x6, 768 (72) they tie; at 6x8x6, 512 (48) onednn is ahead.
 _PATCHES_MIN_KERNEL_PER_VOXEL = 100
+# With oneDNN, 3^3 stride-1 convolutions with at least this many input channels and in-plane
+# voxels use winograd (fwd / fwd+bwd vs onednn, ms; depth-only form on planes under 192):
+# 20x28x20, 256 -> 256: 108 / 239 vs 160 / 334; 512 -> 256: 205 / ~510 vs 387 / 672; 12x16x12,
+# 256: 24 / ~52 vs 33 / 69; 10x14x10, 512: 77 / 179 vs 84 / 182; 40x56x40, 128: 264 / 633 vs
+# 340 / 729. It loses on small planes (6x8x6, 512: 46 / 88 vs 21 / 42) and below 64 channels.
+_WINOGRAD_MIN_CIN = 64
+_WINOGRAD_MIN_PLANE = 128
+# Along depth and height from this many in-plane voxels (12x16x12, 256: 24 vs 27 ms forward;
+# 10x14x10, 512: 81 vs 77).
+_WINOGRAD_DH_MIN_PLANE = 192
+# ... and inputs of at most this many elements: the backward pass builds the transformed input
+# (twice the input), which the paper-size autoencoder's 12 GiB cannot take at full resolution.
+_WINOGRAD_MAX_ELEMENTS = 1 << 24
 # Without oneDNN, at most this many input voxels use native_im2col (at 3x4x3, 768 channels, the
 # native forward is 2.7x faster than depth_sum's three 2D convs).
 _TINY_MAX_VOXELS = 128
@@ -91,6 +112,10 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
     y = _native(x, kernel, strides, padding)
   elif impl == "onednn":
     return onednn.conv(x, kernel, strides, padding, bias)
+  elif impl == "winograd":
+    if bias is None:
+      bias = jnp.zeros(kernel.shape[-1:], x.dtype)
+    return _winograd(x, kernel, bias, strides, padding)
   else:
     y = _LOWERINGS[impl](x, kernel, strides, padding)
   return y if bias is None else y + bias.astype(y.dtype)
@@ -182,13 +207,18 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
 
   `onednn`: whether the oneDNN custom call may be used (CPU, float32, library available).
   """
-  del strides  # the rewrites won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
+  # The XLA rewrites won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
   if platform != "cpu" or len(x_shape) != 5:
     return "native"
   voxels = np.prod(x_shape[:4])
   if np.prod(kernel_shape[:3]) * kernel_shape[-1] >= _PATCHES_MIN_KERNEL_PER_VOXEL * voxels:
     return "patches"
   if onednn:
+    if (tuple(kernel_shape[:3]) == (3, 3, 3) and all(s == 1 for s in strides)
+        and kernel_shape[3] >= _WINOGRAD_MIN_CIN
+        and x_shape[2] * x_shape[3] >= _WINOGRAD_MIN_PLANE
+        and voxels * x_shape[4] <= _WINOGRAD_MAX_ELEMENTS):
+      return "winograd"
     return "onednn"
   if all(k == 1 for k in kernel_shape[:3]) or voxels <= _TINY_MAX_VOXELS:
     return "native_im2col"
@@ -411,6 +441,93 @@ def _patches(x, kernel, strides, padding):
   cols = jnp.stack(taps, axis=-2).reshape(-1, len(taps) * x.shape[-1])
   y = cols @ kernel.reshape(-1, kernel.shape[-1])
   return y.reshape(x.shape[0], *out_sp, kernel.shape[-1])
+
+
+# Winograd's F(2,3): input slices d0..d3 -> B^T d, the depth taps w0..w2 -> G w, and the 4 products
+# back to 2 output slices with A^T (Lavin & Gray 2016).
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(parts, coefficients):
+  """sum(c * p) over the nonzero coefficients, without multiplying by +-1."""
+  out = None
+  for c, p in zip(coefficients, parts):
+    if c == 0:
+      continue
+    term = p if c == 1 else -p if c == -1 else c * p
+    out = term if out is None else out + term
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _winograd(x, kernel, bias, strides, padding):
+  along_height = kernel.shape[1] == 3 and strides[1] == 1
+  n_axes = 2 if along_height and x.shape[2] * x.shape[3] >= _WINOGRAD_DH_MIN_PLANE else 1
+  return _winograd_along(x, kernel, bias, strides, padding, n_axes)
+
+
+def _winograd_fwd(x, kernel, bias, strides, padding):
+  return _winograd(x, kernel, bias, strides, padding), (x, kernel)
+
+
+def _winograd_bwd(strides, padding, res, ct):
+  # Along depth only: its gradients (2D convolutions) beat those of depth and height (1D ones).
+  # Linear in x and in (kernel, bias) apart: the vjp needs no forward values.
+  x, kernel = res
+  bias = jnp.zeros(kernel.shape[-1:], kernel.dtype)
+  _, vjp = jax.vjp(lambda *a: _winograd_along(*a, strides, padding, 1), x, kernel, bias)
+  return vjp(ct)
+
+
+_winograd.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def _winograd_along(x, kernel, bias, strides, padding, n_axes):
+  """F(2,3) Winograd along the first `n_axes` spatial axes; oneDNN convolutions over the rest."""
+  if tuple(kernel.shape[:n_axes]) != (3,) * n_axes or any(s != 1 for s in strides[:n_axes]):
+    raise ValueError(f"conv impl 'winograd' needs kernel size 3 and stride 1 along depth, got "
+                     f"kernel {kernel.shape} and strides {tuple(strides)}")
+  b, cout = x.shape[0], kernel.shape[-1]
+  tiles, out_len, pads = [], [], [(0, 0)]
+  for a in range(n_axes):
+    (lo, hi), n = padding[a], x.shape[1 + a]
+    out_len.append(n + lo + hi - 2)
+    tiles.append(-(-out_len[-1] // 2))
+    # Tile i reads padded slices 2i..2i+3; the last tile may run one slice past the output.
+    pads.append((lo, 2 * tiles[-1] + 2 - n - lo))
+  # x in memory first: fused into the transforms, its producer (a GroupNorm) would run 4^n times.
+  u = {(): jnp.pad(in_memory(x), pads + [(0, 0)] * (x.ndim - 1 - n_axes))}
+  g = {(): kernel}
+  for a in range(n_axes):
+    u = {idx + (i,): _combine(slices, bt) for idx, v in u.items()
+         for slices in [[lax.slice_in_dim(v, k, k + 2 * tiles[a] - 1, 2, axis=1 + a)
+                         for k in range(4)]]
+         for i, bt in enumerate(_WINOGRAD_BT)}
+    g = {idx + (i,): _combine([w[z] for z in range(3)], row) for idx, w in g.items()
+         for i, row in enumerate(_WINOGRAD_G)}
+  m = {}
+  for idx, v in u.items():
+    folded = v.reshape(b * int(np.prod(tiles)), *v.shape[1 + n_axes:])
+    # Every output sums product (1, ..., 1) exactly once (A^T's column 1 is all ones): it carries
+    # the bias.
+    y = onednn.conv(folded, g[idx], strides[n_axes:], padding[n_axes:],
+                    bias if all(i == 1 for i in idx) else None)
+    m[idx] = y.reshape(b, *tiles, *y.shape[1:])
+  # Back from transform indices to output parities, one axis at a time.
+  for a in range(n_axes):
+    m = {key[:a] + (p,) + key[a + 1:]: _combine([m[key[:a] + (i,) + key[a + 1:]] for i in range(4)],
+                                                at)
+         for key in m if key[a] == 0 for p, at in enumerate(_WINOGRAD_AT)}
+  parities = list(np.ndindex(*(2,) * n_axes))
+  y = jnp.stack([m[p] for p in parities], axis=1 + n_axes)
+  y = y.reshape(b, *tiles, *(2,) * n_axes, *y.shape[2 + n_axes:])
+  # (b, t1.., p1.., rest, C) -> (b, t1, p1, t2, p2, .., rest, C): the parities interleave.
+  order = [0] + [ax for a in range(n_axes) for ax in (1 + a, 1 + n_axes + a)]
+  y = y.transpose(*order, *range(1 + 2 * n_axes, y.ndim))
+  y = y.reshape(b, *(2 * t for t in tiles), *y.shape[1 + 2 * n_axes:])
+  return y[(slice(None), *(slice(0, n) for n in out_len))]
 
 
 _LOWERINGS = {
