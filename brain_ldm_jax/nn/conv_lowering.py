@@ -71,12 +71,13 @@ _IM2COL_MAX_CIN = 1
 # native_im2col 79 ms, torch 51 ms; at 5x7x5, 768 (ratio 118) fwd / fwd+bwd 34 / 109 ms vs onednn
 # 45 / 153. At 5x7x5, 512 (79) and 6x8x6, 768 (72) they tie; at 6x8x6, 512 (48) onednn is ahead.
 _PATCHES_MIN_KERNEL_PER_VOXEL = 100
-# With oneDNN, 3^3 stride-1 convolutions with at least this many input channels and in-plane
-# voxels use winograd (fwd / fwd+bwd vs onednn, ms; depth-only form on planes under 192):
+# With oneDNN, 3^3 stride-1 convolutions with at least this many input and output channels and
+# in-plane voxels use winograd (fwd / fwd+bwd vs onednn, ms; depth-only form on planes under 192):
 # 20x28x20, 256 -> 256: 108 / 239 vs 160 / 334; 512 -> 256: 205 / ~510 vs 387 / 672; 12x16x12,
 # 256: 24 / ~52 vs 33 / 69; 10x14x10, 512: 77 / 179 vs 84 / 182; 40x56x40, 128: 264 / 633 vs
-# 340 / 729. It loses on small planes (6x8x6, 512: 46 / 88 vs 21 / 42) and below 64 channels.
-_WINOGRAD_MIN_CIN = 64
+# 340 / 729. It loses on small planes (6x8x6, 512: 46 / 88 vs 21 / 42), below 64 input channels
+# and in training at few output channels (10x14x10 batch 6, 96 -> 32: 5.4 / 20.3 vs 5.7 / 16.5).
+_WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_MIN_PLANE = 128
 # Along depth and height from this many in-plane voxels (12x16x12, 256: 24 vs 27 ms forward;
 # 10x14x10, 512: 81 vs 77).
@@ -215,7 +216,7 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
     return "patches"
   if onednn:
     if (tuple(kernel_shape[:3]) == (3, 3, 3) and all(s == 1 for s in strides)
-        and kernel_shape[3] >= _WINOGRAD_MIN_CIN
+        and min(kernel_shape[3:]) >= _WINOGRAD_MIN_CHANNELS
         and x_shape[2] * x_shape[3] >= _WINOGRAD_MIN_PLANE
         and voxels * x_shape[4] <= _WINOGRAD_MAX_ELEMENTS):
       return "winograd"
