@@ -1,6 +1,6 @@
 r"""One benchmark of brain_ldm_jax against MONAI: same networks, same weights, same CPU and threads.
 
-    python scripts/benchmark.py                    # everything (about 6 min on 2 cores)
+    python scripts/benchmark.py                    # everything (about 9 min on 2 cores)
     python scripts/benchmark.py --quick            # 2 repeats, paper UNet width / 4, no memory
     python scripts/benchmark.py --cases unet_demo,ddim --repeats 5
     python scripts/benchmark.py --threads 1        # both libraries on one core
