@@ -35,7 +35,8 @@ sums in another order):
               alone, with 2D convolutions, on planes under 192 voxels: 4 instead of 6, 2/3). The
               gradients are those of the depth-only form. Its float32 rounding differs from the
               direct sums no more than oneDNN's does from XLA's (max error / max |y| 1-4e-6 vs
-              3e-6, float64 reference). Kernel size 3 and stride 1 along depth and height.
+              3e-6, float64 reference). CPU with oneDNN; kernel size 3 and stride 1 along depth
+              (and height, for the two-axis form).
 2D (or 1D) inputs always use the native convolution.
 
 The rewrites' custom VJP has no forward-mode rule (jax.jvp / jacfwd raise); use impl="native" for
@@ -79,12 +80,12 @@ _PATCHES_MIN_KERNEL_PER_VOXEL = 100
 # and in training at few output channels (10x14x10 batch 6, 96 -> 32: 5.4 / 20.3 vs 5.7 / 16.5).
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_MIN_PLANE = 128
-# Along depth and height from this many in-plane voxels (12x16x12, 256: 24 vs 27 ms forward;
-# 10x14x10, 512: 81 vs 77).
-_WINOGRAD_DH_MIN_PLANE = 192
 # ... and inputs of at most this many elements: the backward pass builds the transformed input
 # (twice the input), which the paper-size autoencoder's 12 GiB cannot take at full resolution.
 _WINOGRAD_MAX_ELEMENTS = 1 << 24
+# Its forward pass runs along depth and height from this many in-plane voxels (12x16x12, 256:
+# 24 vs 27 ms; 10x14x10, 512: 81 vs 77).
+_WINOGRAD_DH_MIN_PLANE = 192
 # Without oneDNN, at most this many input voxels use native_im2col (at 3x4x3, 768 channels, the
 # native forward is 2.7x faster than depth_sum's three 2D convs).
 _TINY_MAX_VOXELS = 128
