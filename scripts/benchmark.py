@@ -65,6 +65,8 @@ _EXTRA = ("remat", "dtype", "conv_impl")
 
 # Imported in main() once the thread count is set (XLA reads it when it starts).
 jax = jnp = torch = None
+# Where MONAI runs: "cpu" here; scripts/benchmark_gpu.py sets "cuda" for the same cases on a GPU.
+TORCH_DEVICE = "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +91,21 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
   """{name: median seconds}: each round calls every candidate once (after one warm-up each)."""
   for fn in fns.values() if warmup else ():
     fn()
+    torch_sync()
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       t0 = time.perf_counter()
       fn()
+      torch_sync()  # our calls block on their results themselves
       times[name].append(time.perf_counter() - t0)
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def torch_sync():
+  """Waits for MONAI's queued GPU work (a CUDA call returns before the kernels finish)."""
+  if TORCH_DEVICE != "cpu":
+    torch.cuda.synchronize()
 
 
 GEMM_N = 2048
@@ -114,22 +124,37 @@ def gemm_gflops(seconds: float) -> float:
 def compile_aot(fn, *args):
   """(compiled executable, XLA flop count, seconds to compile) of a jitted fn for `args`."""
   t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  lowered = fn.lower(*args)
+  compiled = lowered.compile()
   seconds = time.perf_counter() - t0
-  return compiled, xla_flops(compiled), seconds
+  return compiled, xla_flops(compiled, lowered), seconds
 
 
-def xla_flops(compiled) -> float:
-  """XLA's cost-analysis flops plus those of the oneDNN convolutions, which it counts as zero."""
-  cost = compiled.cost_analysis()
+def xla_flops(compiled, lowered) -> float:
+  """XLA's cost-analysis flops of a program, convolutions included.
+
+  XLA counts custom calls as zero: on CPU our oneDNN convolutions (added from the HLO), on GPU
+  the cuDNN calls its compiler turns every convolution into, so there the count comes from the
+  program before optimisation, where they are still convolution ops.
+  """
+  from brain_ldm_jax.nn import onednn  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    return _flops(lowered.cost_analysis())
+  return _flops(compiled.cost_analysis()) + onednn.hlo_flops(compiled.as_text())
+
+
+def _flops(cost) -> float:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  from brain_ldm_jax.nn import onednn  # pylint: disable=g-import-not-at-top
-  return float((cost or {}).get("flops", float("nan"))) + onednn.hlo_flops(compiled.as_text())
+  return float((cost or {}).get("flops", float("nan")))
 
 
 def torch_nchw(x: np.ndarray):
-  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
+  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(TORCH_DEVICE)
+
+
+def torch_tensor(x: np.ndarray):
+  return torch.from_numpy(np.asarray(x)).to(TORCH_DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,14 +188,14 @@ def monai_and_flax(kind: str, section, *, remat: bool = False, seed: int = 0):
   ref = fill_zero_weights(cls(**monai_kwargs(section)), seed).eval()
   model = build(section).clone(remat=remat)
   variables = bnn.monai_to_flax(ref.state_dict(), kind, model)
-  return ref, model, variables
+  return ref.to(TORCH_DEVICE), model, variables
 
 
 def load_into_monai(module, variables, kind):
   from brain_ldm_jax import nn as bnn  # pylint: disable=g-import-not-at-top
   state = {k: torch.from_numpy(v) for k, v in bnn.flax_to_monai(variables, kind).items()}
   module.load_state_dict(state, strict=True)
-  return module
+  return module.to(TORCH_DEVICE)
 
 
 def torch_unet_call(unet, z, cond, t):
@@ -216,6 +241,8 @@ def fmt_s(s):
 
 
 def case_unet(report, args, name, section, spatial, batch=1):
+  """UNet forward, ours vs MONAI. section.dtype "bfloat16": MONAI under torch.autocast(bfloat16),
+  the mixed precision PyTorch users run (parameters float32 on both sides)."""
   ref, model, variables = monai_and_flax("unet", section)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((batch, *spatial, section.in_channels)).astype(np.float32)
@@ -223,19 +250,25 @@ def case_unet(report, args, name, section, spatial, batch=1):
   c = rng.random((batch, 1, section.cross_attention_dim)).astype(np.float32)
   fwd = jax.jit(lambda v, x, t, c: model.apply(v, x, t, context=c))
   compiled, flops, compile_s = compile_aot(fwd, variables, x, t, c)
-  xt, tt, ct = torch_nchw(x), torch.from_numpy(t.astype(np.int64)), torch.from_numpy(c)
+  xt, tt, ct = torch_nchw(x), torch_tensor(t.astype(np.int64)), torch_tensor(c)
+  autocast = torch.autocast(TORCH_DEVICE.split(":")[0], dtype=torch.bfloat16,
+                            enabled=section.dtype == "bfloat16")
 
   def theirs():
-    with torch.no_grad():
-      ref(xt, timesteps=tt, context=ct)
+    with torch.no_grad(), autocast:
+      return ref(xt, timesteps=tt, context=ct)
 
+  y_ours = np.moveaxis(np.asarray(compiled(variables, x, t, c), np.float64), -1, 1)
+  y_monai = theirs().double().cpu().numpy()
+  rel = np.linalg.norm(y_ours - y_monai) / np.linalg.norm(y_monai)
   times = interleaved({"gemm": gemm_fn(), "ours": lambda: compiled(variables, x, t, c)
                        .block_until_ready(), "monai": theirs}, args.repeats)
   n_params = sum(p.numel() for p in ref.parameters())
   report.compare(name, f"forward, batch {batch}, {'×'.join(map(str, spatial))}", times["ours"],
                  times["monai"], flops, times["gemm"],
-                 f"ch={tuple(section.channels)}, {n_params / 1e6:.1f} M params; "
-                 f"compile {compile_s:.0f} s")
+                 f"ch={tuple(section.channels)}, {n_params / 1e6:.1f} M params, {section.dtype}; "
+                 f"outputs' rel. L2 difference {rel:.1e}; compile {compile_s:.0f} s")
+  return compiled
 
 
 def demo_run(config, ae_variables, unet_variables):
@@ -301,15 +334,16 @@ class DemoSampling:
 
   def monai_images(self, steps):
     unet, ae, sched = self.unet_ref, self.ae_ref, self.scheduler
-    cond = torch.from_numpy(self.cond)
+    cond = torch_tensor(self.cond)
     shape = (1, self.zshape[-1], *self.zshape[:-1])
 
     def call():
       with torch.no_grad():
         sched.set_timesteps(steps)
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(TORCH_DEVICE)
         for t in sched.timesteps:
-          eps = torch_unet_call(unet, z, cond, torch.full((1,), int(t), dtype=torch.long))
+          eps = torch_unet_call(unet, z, cond, torch.full((1,), int(t), dtype=torch.long,
+                                                          device=TORCH_DEVICE))
           z, _ = sched.step(eps, int(t), z)
         img = ae.decode_stage_2_outputs(z / self.run.scale_factor)
         return torch.clamp(img, 0, 1)
@@ -442,14 +476,15 @@ def case_overhead(report, args, dpm_steps):
   report.check("DDPM-1000 / DDIM-50 time (test UNet)", f"{ratio:.1f}", "≥ 19", ratio >= 19)
 
 
-def case_ae_step(report, args):
+def case_ae_step(report, args, config=None, name="autoencoder train step (demo)"):
+  """`config`: default the demo preset. Its autoencoder.remat is MONAI's use_checkpoint."""
   from monai.losses import PatchAdversarialLoss  # pylint: disable=g-import-not-at-top
   from monai.networks import nets  # pylint: disable=g-import-not-at-top
 
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
-  config = presets.base_config("demo")
+  config = config or presets.base_config("demo")
   t = config.train_ae
   mesh = sharding_lib.make_mesh(config.mesh)
   built = ae_stage.build(config, mesh, jax.random.key(0))
@@ -464,7 +499,8 @@ def case_ae_step(report, args):
     jax.block_until_ready(metrics)
 
   state = holder["state"]
-  ae = load_into_monai(nets.AutoencoderKL(**monai_kwargs(config.autoencoder)),
+  ae = load_into_monai(nets.AutoencoderKL(**monai_kwargs(config.autoencoder),
+                                         use_checkpoint=config.autoencoder.remat),
                        {"params": state.params}, "autoencoder").train()
   disc = load_into_monai(nets.PatchDiscriminator(**monai_kwargs(config.discriminator)),
                          {"params": state.disc_params, "batch_stats": state.disc_batch_stats},
@@ -491,22 +527,24 @@ def case_ae_step(report, args):
     opt_d.step()
 
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": theirs}, args.repeats)
-  report.compare("autoencoder train step (demo)",
+  report.compare(name,
                  f"batch {t.batch_size}, {'×'.join(map(str, config.data.shape))}",
                  times["ours"], times["monai"], flops, times["gemm"],
                  f"ch={tuple(config.autoencoder.channels)} + discriminator; "
                  f"{1 / times['ours']:.2f} vs {1 / times['monai']:.2f} steps/s; "
                  f"compile {compile_s:.0f} s")
+  return compiled
 
 
-def case_ldm_step(report, args):
+def case_ldm_step(report, args, config=None, name="LDM train step (demo)"):
+  """`config`: default the demo preset (MONAI's UNet has no activation checkpointing)."""
   from monai.networks import nets  # pylint: disable=g-import-not-at-top
   from monai.networks.schedulers import DDPMScheduler  # pylint: disable=g-import-not-at-top
 
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
-  config = presets.base_config("demo")
+  config = config or presets.base_config("demo")
   t = config.train_ldm
   mesh = sharding_lib.make_mesh(config.mesh)
   built = ldm_stage.build(config, mesh, jax.random.key(0))
@@ -533,10 +571,10 @@ def case_ldm_step(report, args):
   d = config.diffusion
   sched = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, schedule=d.schedule,
                         beta_start=d.beta_start, beta_end=d.beta_end)
-  zt_, ct = torch_nchw(z), torch.from_numpy(cond)
+  zt_, ct = torch_nchw(z), torch_tensor(cond)
 
   def theirs():
-    steps = torch.randint(0, d.num_train_timesteps, (b,))
+    steps = torch.randint(0, d.num_train_timesteps, (b,), device=TORCH_DEVICE)
     noise = torch.randn_like(zt_)
     noisy = sched.add_noise(zt_, noise, steps)
     loss = torch.nn.functional.mse_loss(torch_unet_call(unet, noisy, ct, steps).float(), noise)
@@ -549,11 +587,12 @@ def case_ldm_step(report, args):
       torch._foreach_add_(ema, params, alpha=1 - t.ema_decay)  # pylint: disable=protected-access
 
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": theirs}, args.repeats)
-  report.compare("LDM train step (demo)",
+  report.compare(name,
                  f"batch {b}, latent {'×'.join(map(str, zshape[:-1]))}", times["ours"],
                  times["monai"], flops, times["gemm"],
                  f"ε-MSE, Adam, EMA (both); {1 / times['ours']:.2f} vs "
                  f"{1 / times['monai']:.2f} steps/s; compile {compile_s:.0f} s")
+  return compiled
 
 
 def case_msssim(report, args, pairs: int = 8):
@@ -584,13 +623,15 @@ def case_msssim(report, args, pairs: int = 8):
                  f"max |diff| {diff:.1e}")
 
 
-def case_memory(report, args):
+def case_memory(report, args, variants=None):
+  """`variants`: (conv_impl, dtype, remat) triples; default those of the CPU table."""
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
   # auto: this CPU's convolutions (oneDNN); native: the convolution GPU/TPU compile (cuDNN / TPU
   # conv unit on those backends); bfloat16: the compute dtype the paper preset uses on accelerators.
-  variants = [("auto", "float32", True), ("native", "float32", True), ("native", "bfloat16", True)]
+  variants = variants or [("auto", "float32", True), ("native", "float32", True),
+                          ("native", "bfloat16", True)]
   if args.memory_no_remat:
     variants.append(("native", "float32", False))
   for impl, dtype, remat in variants:
@@ -604,7 +645,8 @@ def case_memory(report, args):
     image = jax.ShapeDtypeStruct((1, *config.data.shape, 1), jnp.float32,
                                  sharding=sharding_lib.batch_sharding(mesh))
     t0 = time.perf_counter()
-    compiled = built["adversarial_step"].lower(built["abstract"], {"image": image}).compile()
+    lowered = built["adversarial_step"].lower(built["abstract"], {"image": image})
+    compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     gib = lambda n: n / 2**30
@@ -613,10 +655,11 @@ def case_memory(report, args):
     live = temp + arg + out - alias
     report.check(f"paper AE train step memory, batch 1, conv {impl}, {dtype}, remat={remat}",
                  f"{gib(live):.2f} GiB", "≤ 12 GiB", gib(live) <= 12,
-                 f"compiled for XLA:CPU, not run (memory_analysis, compile {seconds:.0f} s):"
+                 f"compiled for XLA:{jax.default_backend().upper()}, not run (memory_analysis, "
+                 f"compile {seconds:.0f} s):"
                  f" temp {gib(temp):.2f} + arguments {gib(arg):.2f} + outputs {gib(out):.2f} GiB"
                  f" − outputs aliasing donated arguments {gib(alias):.2f} GiB; XLA flops "
-                 f"{xla_flops(compiled) / 1e12:.2f} T per step")
+                 f"{xla_flops(compiled, lowered) / 1e12:.2f} T per step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +692,7 @@ def markdown(report: Report, info: list[str], args, wall_s: float) -> str:
   if report.rows:
     peaks = [r["peak"] for r in report.rows]
     lines += [f"GEMM peak measured alongside: {min(peaks):.0f}–{max(peaks):.0f} GFLOP/s "
-              "(2048² float32 matmul in jax).", "",
+              f"({GEMM_N}² float32 matmul in jax, default precision).", "",
               "| case | item | ours | MONAI | ours/MONAI | ours GFLOP/s (% peak) | "
               "MONAI GFLOP/s | notes |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
