@@ -3,6 +3,7 @@ r"""brain_ldm_jax vs MONAI at the paper's size on one GPU: same networks, same w
     python scripts/benchmark_gpu.py                  # all cases (about 5 min on one H100)
     python scripts/benchmark_gpu.py --cases unet,ddim --repeats 20
     python scripts/benchmark_gpu.py --smoke          # 1/8 width at 32³ on any backend: checks the script
+    python scripts/benchmark_gpu.py --count_flops    # the cases' flops, on the CPU, in seconds
 
 The GPU companion of scripts/benchmark.py, whose case functions it runs with PyTorch on CUDA and
 the paper preset instead of the demo one. Cases (`--cases`, comma-separated; default all):
@@ -27,6 +28,11 @@ both do the same arithmetic, this script sets torch.backends.cuda.matmul.allow_t
 Timing is scripts/benchmark.py's: medians of `--repeats` alternating rounds after a warm-up, with
 a GEMM (`--gemm_n`² float32 at the default precision) timed in the same rounds as the peak; MONAI's
 calls are followed by torch.cuda.synchronize(). Writes benchmarks/benchmark_gpu.md (`--out`).
+
+XLA:GPU's cost analysis counts none of the work it hands to cuDNN and cuBLAS (nearly all of it),
+and (jax 0.11.2) gives no count for the unoptimised program, so the GFLOP/s columns stay empty on
+GPU. `--count_flops` counts the same programs instead: lowered, not compiled, for XLA:CPU with the
+native convolution the GPU runs, whose cost analysis counts convolutions and matmuls.
 """
 
 from __future__ import annotations
@@ -127,6 +133,54 @@ def case_ldm_step(report, args):
   conv_check(report, "the LDM train step", compiled)
 
 
+def count_flops(args):
+  """TFLOP per item of the timed programs, from XLA:CPU's cost analysis of them lowered with the
+  native convolution (what `auto` picks on GPU); nothing is compiled or run."""
+  from brain_ldm_jax import nn as bnn  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+  config = paper_config(args.smoke)
+  for section in (config.unet, config.autoencoder, config.discriminator):
+    section.conv_impl = "native"
+  flops = lambda lowered: float(lowered.cost_analysis()["flops"])
+  spec = lambda shape, sharding=None: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+  zshape, n_cov = ldm_stage.latent_shape(config), len(config.data.covariates)
+  unet = unet_lib.build_unet(config.unet)
+  ae = bnn.build_autoencoder(config.autoencoder)
+  x_unet = (1, *zshape[:-1], config.unet.in_channels)
+  unet_vars = jax.eval_shape(lambda: unet.init(jax.random.key(0), jnp.zeros(x_unet),
+                                               jnp.zeros((1,), jnp.int32),
+                                               context=jnp.zeros((1, 1, n_cov))))
+  ae_vars = jax.eval_shape(lambda: ae.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 1)),
+                                           jax.random.key(1)))
+  forward = flops(jax.jit(lambda v, x, t, c: unet.apply(v, x, t, context=c)).lower(
+      unet_vars, spec(x_unet), jax.ShapeDtypeStruct((1,), jnp.int32), spec((1, 1, n_cov))))
+  decode = flops(jax.jit(lambda v, z: ae.apply(v, z, method="decode")).lower(
+      ae_vars, spec((1, *zshape))))
+  mesh = sharding_lib.make_mesh(config.mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  config.train_ae.batch_size = 1
+  built = ae_stage.build(config, mesh, jax.random.key(0))
+  ae_step = flops(built["adversarial_step"].lower(
+      built["abstract"], {"image": spec((1, *config.data.shape, 1), batch_sharding)}))
+  config.unet.remat, b = False, args.ldm_batch
+  built = ldm_stage.build(config, mesh, jax.random.key(0))
+  latents = spec((b, *zshape), batch_sharding)
+  ldm_step = flops(built["step"].lower(
+      built["abstract"], {"latent_mean": latents, "latent_logvar": latents,
+                          "cond": spec((b, n_cov), batch_sharding)},
+      None, spec((), sharding_lib.replicated(mesh))))
+  rows = [("autoencoder train step, batch 1, remat", ae_step), ("UNet forward, batch 1", forward),
+          ("DDIM-50 sample + decode, per volume", 50 * forward + decode),
+          (f"LDM train step, batch {b}", ldm_step)]
+  print(f"flops of the paper-size programs ({'×'.join(map(str, config.data.shape))}), "
+        "XLA:CPU cost analysis of the lowered programs, native convolutions:")
+  for name, count in rows:
+    print(f"  {name:40s} {count / 1e12:8.2f} TFLOP")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -138,6 +192,8 @@ def main():
   parser.add_argument("--smoke", action="store_true",
                       help="1/8 width, 32³ volumes, 2048² GEMM: checks the script anywhere")
   parser.add_argument("--highest", action="store_true", help="full float32 on both sides")
+  parser.add_argument("--count_flops", action="store_true",
+                      help="print the cases' flops (on the CPU, lowering only) and exit")
   parser.add_argument("--memory_no_remat", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "benchmarks", "benchmark_gpu.md"))
@@ -149,6 +205,8 @@ def main():
   if args.smoke:
     args.gemm_n = min(args.gemm_n, 2048)
 
+  if args.count_flops:
+    os.environ["JAX_PLATFORMS"] = "cpu"
   global jax, jnp, torch
   import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,redefined-outer-name
@@ -160,6 +218,8 @@ def main():
   bench.jax, bench.jnp, bench.torch = jax, jnp, torch
   bench.TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
   bench.GEMM_N = args.gemm_n
+  if args.count_flops:
+    return count_flops(args)
 
   start = time.perf_counter()
   info = bench.machine_info(torch.get_num_threads())
