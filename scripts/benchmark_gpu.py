@@ -30,15 +30,17 @@ a GEMM (`--gemm_n`² float32 at the default precision) timed in the same rounds 
 calls are followed by torch.cuda.synchronize(). Writes benchmarks/benchmark_gpu.md (`--out`).
 
 XLA:GPU's cost analysis counts none of the work it hands to cuDNN and cuBLAS (nearly all of it),
-and (jax 0.11.2) gives no count for the unoptimised program, so the GFLOP/s columns stay empty on
-GPU. `--count_flops` counts the same programs instead: lowered, not compiled, for XLA:CPU with the
-native convolution the GPU runs, whose cost analysis counts convolutions and matmuls.
+and (jax 0.11.2) gives no count for the unoptimised program. So the GFLOP/s columns use
+`--count_flops`, run first in a CPU-only subprocess: the same programs lowered, not compiled, for
+XLA:CPU with the native convolution the GPU runs, whose cost analysis counts them whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -133,9 +135,9 @@ def case_ldm_step(report, args):
   conv_check(report, "the LDM train step", compiled)
 
 
-def count_flops(args):
-  """TFLOP per item of the timed programs, from XLA:CPU's cost analysis of them lowered with the
-  native convolution (what `auto` picks on GPU); nothing is compiled or run."""
+def count_flops(args) -> dict[str, float]:
+  """Flops per item of the timed programs, by case, from XLA:CPU's cost analysis of them lowered
+  with the native convolution (what `auto` picks on GPU); nothing is compiled or run."""
   from brain_ldm_jax import nn as bnn  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
@@ -172,13 +174,25 @@ def count_flops(args):
       built["abstract"], {"latent_mean": latents, "latent_logvar": latents,
                           "cond": spec((b, n_cov), batch_sharding)},
       None, spec((), sharding_lib.replicated(mesh))))
-  rows = [("autoencoder train step, batch 1, remat", ae_step), ("UNet forward, batch 1", forward),
-          ("DDIM-50 sample + decode, per volume", 50 * forward + decode),
-          (f"LDM train step, batch {b}", ldm_step)]
-  print(f"flops of the paper-size programs ({'×'.join(map(str, config.data.shape))}), "
-        "XLA:CPU cost analysis of the lowered programs, native convolutions:")
-  for name, count in rows:
-    print(f"  {name:40s} {count / 1e12:8.2f} TFLOP")
+  return {"ae_step": ae_step, "unet": forward, "ddim": 50 * forward + decode, "ldm_step": ldm_step}
+
+
+def counted_flops(args) -> dict[str, float]:
+  """`count_flops` in a CPU-only process (this one holds the GPU backend); {} if it fails."""
+  command = [sys.executable, os.path.abspath(__file__), "--count_flops", "--json",
+             "--ldm_batch", str(args.ldm_batch)] + (["--smoke"] if args.smoke else [])
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    print(f"--count_flops failed, GFLOP/s left empty:\n{result.stderr[-2000:]}", flush=True)
+    return {}
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fill_flops(rows, flops: float):
+  """Rates for rows whose compiled program's count missed the cuDNN / cuBLAS work."""
+  for r in rows:
+    if not r["flops"] > 0:  # nan or 0
+      r.update(flops=flops, gf=flops / r["ours"] / 1e9, gf_m=flops / r["monai"] / 1e9)
 
 
 def main():
@@ -194,6 +208,7 @@ def main():
   parser.add_argument("--highest", action="store_true", help="full float32 on both sides")
   parser.add_argument("--count_flops", action="store_true",
                       help="print the cases' flops (on the CPU, lowering only) and exit")
+  parser.add_argument("--json", action="store_true", help="--count_flops prints one JSON line")
   parser.add_argument("--memory_no_remat", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "benchmarks", "benchmark_gpu.md"))
@@ -219,7 +234,14 @@ def main():
   bench.TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
   bench.GEMM_N = args.gemm_n
   if args.count_flops:
-    return count_flops(args)
+    flops = count_flops(args)
+    if args.json:
+      print(json.dumps(flops))
+    else:
+      print("TFLOP per item, XLA:CPU's count of the lowered programs with native convolutions:")
+      for case, count in flops.items():
+        print(f"  {case:10s} {count / 1e12:8.2f}")
+    return None
 
   start = time.perf_counter()
   info = bench.machine_info(torch.get_num_threads())
@@ -229,6 +251,7 @@ def main():
                  f"{'float32 (highest) on both' if args.highest else 'default (TF32 on both)'}")
   print("\n".join(info), flush=True)
   report = bench.Report()
+  flops = counted_flops(args) if jax.default_backend() != "cpu" else {}
   runners = {"ae_step": case_ae_step, "unet": case_unet, "ddim": case_ddim,
              "ldm_step": case_ldm_step,
              "memory": lambda r, a: bench.case_memory(r, a, [("auto", "bfloat16", True)])}
@@ -244,7 +267,10 @@ def main():
   for case in cases:
     print(f"[{time.perf_counter() - start:6.0f} s] {case}", flush=True)
     try:
+      rows_before = len(report.rows)
       runners[case](report, args)
+      if case in flops:
+        fill_flops(report.rows[rows_before:], flops[case])
     except Exception as e:  # pylint: disable=broad-except
       import traceback  # pylint: disable=g-import-not-at-top
       traceback.print_exc()
