@@ -46,6 +46,7 @@ forward-mode differentiation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 import functools
 
 import jax
@@ -169,6 +170,10 @@ def upsample2_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   if not subpixel:
     return conv(upsample_nearest2(x), kernel, bias, strides=(1,) * nd, padding=padding, impl=impl)
   b, d, h, w, _ = x.shape
+  # Made from the parameters alone, the parity kernels (64/27 of the kernel) would be computed at
+  # the program's start and held until here (paper UNet forward at 12×16×12: 226 of XLA's 312 MB
+  # of temp buffers); tied to x they are made when needed.
+  kernel = after(kernel, x)
   phases = [conv(x, _phase_kernel(kernel, parities), bias, strides=(1, 1, 1),
                  padding=tuple(_PHASE_PADDING[p] for p in parities), impl=impl)
             for parities in np.ndindex(2, 2, 2)]
@@ -201,6 +206,32 @@ def in_memory(x: jax.Array) -> jax.Array:
   if platform(x) == "cpu" and onednn.available():
     return onednn.materialize(x)
   return x
+
+
+def after(tree: Any, ct: Any) -> Any:
+  """`tree` plus 0 * (one element of `ct` per example): the same values, computable only once
+  `ct` exists. Per example, so that under batch sharding the tie stays on each device.
+
+  Tie small trees (parameters) where you can: a tied activation that a custom call reads is a
+  full-size copy. On CPU the element is read by a custom call (`onednn.probe`), so the tie waits
+  for `ct` in memory; elsewhere, or without that library, a slice of `ct` that XLA may fuse with
+  `ct`'s producer (the order holds, but the producer's inputs may stay alive longer)."""
+  leaf = jax.lax.stop_gradient(jax.tree_util.tree_leaves(ct)[0])
+  if (platform(leaf) == "cpu" and leaf.dtype in (jnp.float32, jnp.bfloat16)
+      and onednn.available()):
+    probe = onednn.probe(leaf)
+  else:
+    probe = leaf.reshape(leaf.shape[0], -1)[:, 0].astype(jnp.float32)
+  zero = jnp.zeros((), jnp.float32) * probe  # XLA folds x * 0 only for integers (NaN, inf)
+
+  def tie(a):
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+      return a
+    z = zero.reshape((-1,) + (1,) * (a.ndim - 1)) if a.ndim and a.shape[0] == zero.shape[0] \
+        else zero[0]
+    return a + z.astype(a.dtype)
+
+  return jax.tree_util.tree_map(tie, tree)
 
 
 def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
@@ -500,8 +531,10 @@ def _winograd_along(x, kernel, bias, strides, padding, n_axes):
     # Tile i reads padded slices 2i..2i+3; the last tile may run one slice past the output.
     pads.append((lo, 2 * tiles[-1] + 2 - n - lo))
   # x in memory first: fused into the transforms, its producer (a GroupNorm) would run 4^n times.
-  u = {(): jnp.pad(in_memory(x), pads + [(0, 0)] * (x.ndim - 1 - n_axes))}
-  g = {(): kernel}
+  x = in_memory(x)
+  u = {(): jnp.pad(x, pads + [(0, 0)] * (x.ndim - 1 - n_axes))}
+  # The kernel's transform tied to x, like upsample2_conv's parity kernels.
+  g = {(): after(kernel, x)}
   for a in range(n_axes):
     u = {idx + (i,): _combine(slices, bt) for idx, v in u.items()
          for slices in [[lax.slice_in_dim(v, k, k + 2 * tiles[a] - 1, 2, axis=1 + a)

@@ -24,8 +24,7 @@ import numpy as np
 from jax import lax
 
 from brain_ldm_jax.nn import conv_lowering
-from brain_ldm_jax.nn import onednn
-from brain_ldm_jax.nn.conv_lowering import upsample_nearest2  # noqa: F401  (part of this API)
+from brain_ldm_jax.nn.conv_lowering import after, upsample_nearest2  # noqa: F401  (part of this API)
 
 Dtype = Any
 Initializer = Any
@@ -437,32 +436,6 @@ def recompute(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
     return ({"params": variables_ct["params"]}, *args_ct)
 
   return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(module, *args)
-
-
-def after(tree: Any, ct: Any) -> Any:
-  """`tree` plus 0 * (one element of `ct` per example): the same values, computable only once
-  `ct` exists. Per example, so that under batch sharding the tie stays on each device.
-
-  Tie small trees (parameters) where you can: a tied activation that a custom call reads is a
-  full-size copy. On CPU the element is read by a custom call (`onednn.probe`), so the tie waits
-  for `ct` in memory; elsewhere, or without that library, a slice of `ct` that XLA may fuse with
-  `ct`'s producer (the order holds, but the producer's inputs may stay alive longer)."""
-  leaf = jax.lax.stop_gradient(jax.tree_util.tree_leaves(ct)[0])
-  if (conv_lowering.platform(leaf) == "cpu" and leaf.dtype in (jnp.float32, jnp.bfloat16)
-      and onednn.available()):
-    probe = onednn.probe(leaf)
-  else:
-    probe = leaf.reshape(leaf.shape[0], -1)[:, 0].astype(jnp.float32)
-  zero = jnp.zeros((), jnp.float32) * probe  # XLA folds x * 0 only for integers (NaN, inf)
-
-  def tie(a):
-    if not jnp.issubdtype(a.dtype, jnp.inexact):
-      return a
-    z = zero.reshape((-1,) + (1,) * (a.ndim - 1)) if a.ndim and a.shape[0] == zero.shape[0] \
-        else zero[0]
-    return a + z.astype(a.dtype)
-
-  return jax.tree_util.tree_map(tie, tree)
 
 
 def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
