@@ -1,6 +1,9 @@
 """The oneDNN convolution custom call: built, chosen by `auto` on CPU, exact, and safe to lack."""
 
+import json
+import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +151,49 @@ def test_hlo_flops_counts_every_pass():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   per_pass = 2.0 * 3**4 * 3**5  # output voxels (batch included) * kernel volume * Cin * Cout
   assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
+
+
+_SHARDED_PROGRAM = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from brain_ldm_jax.nn import conv_lowering, onednn
+
+rng = np.random.default_rng(0)
+x, r = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6, 7, 5, 8), (4, 6, 7, 5, 16)))
+w = (rng.standard_normal((3, 3, 3, 8, 16)) / 15).astype(np.float32)
+b = rng.standard_normal((16,)).astype(np.float32)
+
+def loss(x, r, w, b):
+  y = conv_lowering.conv(onednn.materialize(x * 2.0), w, b, impl="onednn", strides=(1, 1, 1),
+                         padding=((1, 1),) * 3)
+  return jnp.sum(y * r) + jnp.sum(onednn.probe(y))
+
+step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3)))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+batch, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+args = [jax.device_put(a, s) for a, s in zip((x, r, w, b), (batch, batch, whole, whole))]
+ref, got = step(x, r, w, b), step(*args)
+hlo = step.lower(*args).compile().as_text()
+calls = [l for l in hlo.splitlines() if "custom_call_target" in l]  # shapes: results, operands
+rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
+print(json.dumps({"rel": [rel(got[0], ref[0])] + [rel(g, q) for g, q in zip(got[1], ref[1])],
+                  "devices": len(got[1][0].sharding.device_set), "all_gather": "all-gather" in hlo,
+                  "whole_batch": sum("f32[4," in l for l in calls),
+                  "own_examples": sum("f32[2," in l for l in calls)}))
+"""
+
+
+def test_batch_sharded_program_runs_each_devices_examples():
+  # Two CPU devices, batch split over them: every custom call (forward, both gradients, probe,
+  # materialize) runs on its device's 2 examples, nothing is gathered, and the kernel and bias
+  # gradients are summed across devices: the same numbers as on one device.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _SHARDED_PROGRAM], env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 2
+  assert max(result["rel"]) < 1e-6, result
+  assert not result["all_gather"]
+  assert result["whole_batch"] == 0 and result["own_examples"] == 5, result

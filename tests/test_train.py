@@ -84,9 +84,9 @@ def _assert_trees(a, b, exact: bool):
     if exact:
       np.testing.assert_array_equal(x, y)
     else:
-      # Float32 summation order differs with the device and process layout (a batch-sharded oneDNN
-      # convolution runs on the gathered batch): after a few Adam steps, parameters near zero differ
-      # by a few 1e-6.
+      # Float32 summation order differs with the device and process layout (each device sums its
+      # own examples' kernel gradients, then an all-reduce): after a few Adam steps, parameters near
+      # zero differ by a few 1e-6.
       np.testing.assert_allclose(x, y, rtol=2e-4, atol=5e-6)
 
 

@@ -19,9 +19,9 @@ How it is put together:
 oneDNN runs on its own OpenMP threads (`OMP_NUM_THREADS`, default all cores), beside XLA's pool;
 scripts/benchmark.py sets both to the same count.
 
-Inside a batch-sharded program XLA does not partition a custom call: each device runs the whole
-batch's convolution on gathered inputs. The results are the same; multi-device CPU runs (tests)
-are slower than they could be.
+Inside a program whose batch is sharded over devices, every custom call here runs per device on
+its own examples (`_per_example`, a custom partitioning rule): XLA cannot see into a custom call
+and would otherwise gather every operand onto every device and run the whole batch everywhere.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ import subprocess
 import tempfile
 
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 _TARGET = "brain_ldm_jax_onednn_conv"
@@ -94,8 +96,7 @@ def probe(x: jax.Array) -> jax.Array:
   """
   if _setup() is not None:
     raise OnednnUnavailableError(f"probe is unavailable: {_setup()}")
-  return jax.ffi.ffi_call(_PROBE_TARGET, jax.ShapeDtypeStruct(x.shape[:1], jnp.float32),
-                          vmap_method="sequential")(jax.lax.stop_gradient(x))
+  return _probe_call(jax.lax.stop_gradient(x))
 
 
 @jax.custom_jvp
@@ -110,8 +111,7 @@ def materialize(x: jax.Array) -> jax.Array:
   """
   if _setup() is not None:
     raise OnednnUnavailableError(f"materialize is unavailable: {_setup()}")
-  return jax.ffi.ffi_call(_MATERIALIZE_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+  return _materialize_call(x)
 
 
 @materialize.defjvp
@@ -150,8 +150,8 @@ def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv(x, kernel, bias, strides, padding):
   y_shape = output_shape(x.shape, kernel.shape, strides, padding)
-  problem = (x.shape, kernel.shape, y_shape, strides, padding)
-  (y,) = _call(_FORWARD, (x, kernel, bias), (y_shape,), *problem)
+  (y,) = _conv_call(_FORWARD, _geometry(x.shape, kernel.shape, y_shape, strides, padding),
+                    x, kernel, bias)
   return y
 
 
@@ -161,22 +161,143 @@ def _conv_fwd(x, kernel, bias, strides, padding):
 
 def _conv_bwd(strides, padding, res, ct):
   x, kernel = res
-  problem = (x.shape, kernel.shape, ct.shape, strides, padding)
-  (dx,) = _call(_INPUT_GRAD, (ct, kernel), (x.shape,), *problem)
-  dk, dbias = _call(_KERNEL_GRAD, (x, ct), (kernel.shape, kernel.shape[-1:]), *problem)
+  geometry = _geometry(x.shape, kernel.shape, ct.shape, strides, padding)
+  (dx,) = _input_grad_call(_INPUT_GRAD, geometry, ct, kernel)
+  dk, dbias = _kernel_grad_call(_KERNEL_GRAD, geometry, x, ct)
   return dx, dk, dbias
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _call(pass_, operands, out_shapes, x_shape, kernel_shape, y_shape, strides, padding):
+def _geometry(x_shape, kernel_shape, y_shape, strides, padding):
+  """A convolution's shapes without the batch size (which sharding changes): hashable."""
+  return (tuple(x_shape[1:]), tuple(kernel_shape), tuple(y_shape[1:]), tuple(strides),
+          tuple(tuple(p) for p in padding))
+
+
+def _conv_pass(pass_, geometry, a, b, *bias):
+  """One pass of the handler on `a`'s batch (forward: x, w, bias; input gradient: dy, w; kernel
+  gradient: x, dy)."""
+  x_rest, kernel_shape, y_rest, strides, padding = geometry
+  x_shape, y_shape = (a.shape[0], *x_rest), (a.shape[0], *y_rest)
+  out_shapes = {_FORWARD: [y_shape], _INPUT_GRAD: [x_shape],
+                _KERNEL_GRAD: [kernel_shape, kernel_shape[-1:]]}[pass_]
   as_attr = lambda v: np.asarray(v, np.int64)  # noqa: E731
-  return jax.ffi.ffi_call(_TARGET, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
-                          vmap_method="sequential")(
-      *operands, pass_=np.int64(pass_), x_shape=as_attr(x_shape),
-      kernel_shape=as_attr(kernel_shape), y_shape=as_attr(y_shape), strides=as_attr(strides),
-      pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding]))
+  return tuple(jax.ffi.ffi_call(
+      _TARGET, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+      vmap_method="sequential")(
+          a, b, *bias, pass_=np.int64(pass_), x_shape=as_attr(x_shape),
+          kernel_shape=as_attr(kernel_shape), y_shape=as_attr(y_shape), strides=as_attr(strides),
+          pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding])))
+
+
+def _probe(x):
+  return jax.ffi.ffi_call(_PROBE_TARGET, jax.ShapeDtypeStruct(x.shape[:1], jnp.float32),
+                          vmap_method="sequential")(x)
+
+
+def _materialize(x):
+  return jax.ffi.ffi_call(_MATERIALIZE_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+
+
+# ---- Batch-sharded programs: each device calls the handler on its own examples. ----
+
+def _per_example(fn, n_static: int, batched_args: tuple[bool, ...],
+                 batched_results: bool | tuple[bool, ...]):
+  """`fn(*static, *arrays)` partitioned over the batch (leading) dimension of the arrays marked
+  in `batched_args` / `batched_results` (a bool when fn returns one array, a tuple when it
+  returns a tuple); the other arrays are whole on every device.
+
+  A result without the batch dimension computed from batched arguments is a sum over the
+  examples (the kernel and bias gradients): each device sums its own, then one all-reduce. On a
+  single device this is `fn` itself.
+  """
+  single = isinstance(batched_results, bool)
+  batched_results = (batched_results,) if single else batched_results
+  wrapped = custom_partitioning(fn, static_argnums=tuple(range(n_static)))
+
+  def batch_axes(arg_shapes, result_shapes):
+    """The mesh axes the batch is split over: an operand's, else the one proposed for a result
+    (an operand may be a replicated constant)."""
+    for batched, array in zip(batched_args + batched_results, (*arg_shapes, *result_shapes)):
+      spec = tuple(array.sharding.spec) if batched and array.sharding is not None else ()
+      if spec and spec[0] is not None:
+        return spec[0]
+    return None
+
+  def shardings(mesh, arg_shapes, result_shapes):
+    axes = batch_axes(arg_shapes, result_shapes)
+
+    def sharding(batched, ndim):
+      return NamedSharding(mesh, P(axes if batched else None, *(None,) * (ndim - 1)))
+
+    args = tuple(sharding(b, len(a.shape)) for b, a in zip(batched_args, arg_shapes))
+    results = tuple(sharding(b, len(r.shape)) for b, r in zip(batched_results, result_shapes))
+    return axes, args, results[0] if single else results
+
+  def partition(*static_and_shapes):
+    *static, mesh, arg_shapes, result_shape = static_and_shapes
+    result_shapes = (result_shape,) if single else result_shape
+    axes, args, results = shardings(mesh, arg_shapes, result_shapes)
+
+    def lower_fn(*arrays):
+      out = fn(*static, *arrays)
+      if axes is None:
+        return out
+      outs = (out,) if single else out
+      outs = tuple(o if b else jax.lax.psum(o, axes) for o, b in zip(outs, batched_results))
+      return outs[0] if single else outs
+
+    return mesh, lower_fn, results, args
+
+  def infer_sharding_from_operands(*static_and_shapes):
+    *_, mesh, arg_shapes, result_shape = static_and_shapes
+    result_shapes = (result_shape,) if single else result_shape
+    return shardings(mesh, arg_shapes, result_shapes)[2]
+
+  def sharding_rule(*static_and_types):
+    *_, _, value_types, result_types = static_and_types
+    names = iter(f"f{i}" for i in range(1000))
+
+    def dims(batched, ty):
+      rest = [next(names) for _ in range(len(ty.shape) - int(batched))]
+      return " ".join((["b"] if batched else []) + rest)
+
+    operands = ", ".join(dims(b, t) for b, t in zip(batched_args, value_types))
+    results = ", ".join(dims(b, t) for b, t in zip(batched_results, result_types))
+    summed = any(batched_args) and not all(batched_results)
+    return f"{operands} -> {results}", {"reduction_factors": ("b",)} if summed else {}
+
+  wrapped.def_partition(partition, infer_sharding_from_operands=infer_sharding_from_operands,
+                        sharding_rule=sharding_rule)
+
+  def call(*args):
+    static, arrays = args[:n_static], args[n_static:]
+
+    # custom_partitioning has no batching rule: under vmap, fn's own ffi_call batches.
+    @jax.custom_batching.custom_vmap
+    def op(*arrays):
+      return wrapped(*static, *arrays)
+
+    @op.def_vmap
+    def op_vmap(axis_size, in_batched, *arrays):
+      del axis_size
+      in_axes = tuple(0 if batched else None for batched in in_batched)
+      out = jax.vmap(functools.partial(fn, *static), in_axes=in_axes)(*arrays)
+      return out, jax.tree.map(lambda _: True, out)
+
+    return op(*arrays)
+
+  return call
+
+
+_conv_call = _per_example(_conv_pass, 2, (True, False, False), (True,))
+_input_grad_call = _per_example(_conv_pass, 2, (True, False), (True,))
+_kernel_grad_call = _per_example(_conv_pass, 2, (True, True), (False, False))
+_probe_call = _per_example(_probe, 0, (True,), True)
+_materialize_call = _per_example(_materialize, 0, (True,), True)
 
 
 # ---- Building, loading and registering the handler (once per process). ----
