@@ -1,6 +1,6 @@
 r"""One benchmark of brain_ldm_jax against MONAI: same networks, same weights, same CPU and threads.
 
-    python scripts/benchmark.py                    # everything (about 9 min on 2 cores)
+    python scripts/benchmark.py                    # everything (about 13 min on 2 cores)
     python scripts/benchmark.py --quick            # 2 repeats, paper UNet width / 4, no memory
     python scripts/benchmark.py --cases unet_demo,ddim --repeats 5
     python scripts/benchmark.py --threads 1        # both libraries on one core
@@ -14,8 +14,8 @@ Cases (`--cases`, comma-separated; default all):
                program); MONAI: a Python loop over `DDIMScheduler.step` with the MONAI UNet, then
                `AutoencoderKL.decode_stage_2_outputs`, under `torch.no_grad`.
   ddim_paper   The same with the `unet_paper` UNet on the `--paper_latent` (the demo autoencoder
-               decodes it): one round, no warm-up call (each side makes 50 paper-width UNet calls;
-               about 3 min at 12×16×12).
+               decodes it): two rounds in mirrored order, no warm-up call (each side makes 2 × 50
+               paper-width UNet calls; about 5 min at 12×16×12).
   dpmpp        DPM-Solver++(2M) at the smallest N in {10, 15, 20, 25} whose final latent is as close
                to DDIM-200's (same noise) as DDIM-50's is; timed like `ddim` (vs MONAI's DDIM-50,
                MONAI has no DPM-Solver++). With random weights this is a numerical-accuracy proxy.
@@ -34,12 +34,13 @@ Cases (`--cases`, comma-separated; default all):
                executable for XLA:CPU (under a minute of compiling); not in --quick.
 
 Every timing is the median of `--repeats` after a warm-up call (compilation excluded); ours and
-MONAI's calls alternate (round-robin) together with a float32 GEMM, so load from other jobs hits
-all alike and each row's "% of peak" uses the GEMM timed in the same rounds. Ours' GFLOP/s is
-XLA's `cost_analysis()` flop count of the compiled program over its time; MONAI's column divides
-the same count by MONAI's time (same math, so comparable). Weights are MONAI's initialisation
-converted with `nn/convert.py` (both ways); MONAI's zero-initialised output convolutions get
-random values, so the networks compute non-trivial functions.
+MONAI's calls alternate (round-robin, every other round reversed) together with a float32 GEMM,
+so load from other jobs and drift hit all alike and each row's "% of peak" uses the GEMM timed in
+the same rounds. Ours' GFLOP/s is XLA's `cost_analysis()` flop count of the compiled program over
+its time; MONAI's column divides the same count by MONAI's time (same math, so comparable).
+Weights are MONAI's initialisation converted with `nn/convert.py` (both ways); MONAI's
+zero-initialised output convolutions get random values, so the networks compute non-trivial
+functions.
 
 Writes the table to benchmarks/benchmark.md (`--out`) and prints it.
 """
@@ -88,13 +89,15 @@ def set_threads(threads: int) -> int:
 
 
 def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
-  """{name: median seconds}: each round calls every candidate once (after one warm-up each)."""
+  """{name: median seconds}: each round calls every candidate once (after one warm-up each),
+  every other round in reverse order, so that a steady drift of the host's speed hits all alike
+  (two rounds: A B B A)."""
   for fn in fns.values() if warmup else ():
     fn()
     torch_sync()
   times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
+  for round_ in range(repeats):
+    for name, fn in (reversed if round_ % 2 else iter)(list(fns.items())):
       t0 = time.perf_counter()
       fn()
       torch_sync()  # our calls block on their results themselves
@@ -382,8 +385,9 @@ def case_ddim_paper(report, args):
   config.data.shape = tuple(factor * s for s in spatial)
   case_ddim(report, args, DemoSampling(config),
             f"DDIM-50 sample + decode ({name}, {'×'.join(map(str, spatial))} latent)",
-            repeats=1, warmup=False,
-            note="one round, no warm-up; the demo autoencoder decodes; ")
+            repeats=2, warmup=False,
+            note="two rounds (ours, MONAI, MONAI, ours), no warm-up; the demo autoencoder "
+                 "decodes; ")
 
 
 def dpm_quality_match(demo: DemoSampling, num_samples: int = 2):
@@ -688,7 +692,8 @@ def machine_info(threads) -> list[str]:
 def markdown(report: Report, info: list[str], args, wall_s: float) -> str:
   lines = ["# brain_ldm_jax vs MONAI on this machine", "", *info,
            f"- median of {args.repeats} after a warm-up; ours and MONAI alternate with a "
-           f"{GEMM_N}² float32 jax GEMM in every round; total wall time {wall_s / 60:.1f} min", ""]
+           f"{GEMM_N}² float32 jax GEMM in every round, every other round in reverse order; "
+           f"total wall time {wall_s / 60:.1f} min", ""]
   if report.rows:
     peaks = [r["peak"] for r in report.rows]
     lines += [f"GEMM peak measured alongside: {min(peaks):.0f}–{max(peaks):.0f} GFLOP/s "
