@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from brain_ldm_jax import host
 from brain_ldm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -88,6 +89,7 @@ def main(argv):
     raise app.UsageError("--workdir is required: where checkpoints and outputs go")
   config = _CONFIG.value
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  host.keep_freed_memory()
   try:
     job = resolve_job(config.job)
     _maybe_initialize_distributed()

@@ -683,10 +683,18 @@ def machine_info(threads) -> list[str]:
       f"- threads: XLA intra-op pool = {len(os.sched_getaffinity(0))} schedulable CPUs "
       f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'unset'}), "
       f"torch.get_num_threads() = {torch.get_num_threads()} (set to {threads})",
+      f"- malloc (both libraries): {_allocator()}",
       f"- jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
       f"monai {monai.__version__}, numpy {np.__version__}, Python {platform.python_version()}",
       f"- command: `python {' '.join(sys.argv)}`",
   ]
+
+
+def _allocator() -> str:
+  from brain_ldm_jax import host  # pylint: disable=g-import-not-at-top
+  if host.keep_freed_memory():
+    return "freed memory kept in the process (`host.keep_freed_memory`)"
+  return f"glibc's defaults ({host.OPT_OUT_ENV}=system, or not glibc)"
 
 
 def markdown(report: Report, info: list[str], args, wall_s: float) -> str:
@@ -759,7 +767,9 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   torch.set_num_threads(threads)
+  from brain_ldm_jax import host  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
+  host.keep_freed_memory()  # for MONAI's calls too: one process, one allocator
 
   start = time.perf_counter()
   info = machine_info(threads)

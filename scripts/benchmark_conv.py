@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brain_ldm_jax import host
 from brain_ldm_jax.nn import conv_lowering
 from brain_ldm_jax.nn import onednn
 
@@ -176,9 +177,10 @@ def main():
 
   # XLA:CPU's intra-op pool has one thread per core; torch gets the same.
   threads = os.cpu_count()
+  kept = host.keep_freed_memory()
   print(f"backend={jax.default_backend()} threads={threads} jax {jax.__version__}; median of "
         f"{args.repeats}, round-robin; %peak = achieved / {GEMM_N}^3 jax GEMM timed alongside; "
-        "fwd+bwd FLOPs = 3x fwd (y, dx, dw)")
+        f"fwd+bwd FLOPs = 3x fwd (y, dx, dw); freed memory kept (host.keep_freed_memory): {kept}")
   wanted = [n for n in SHAPES if not args.shapes or any(p in n for p in args.shapes.split(","))]
   for name in wanted:
     shape = SHAPES[name]
