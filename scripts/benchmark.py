@@ -739,7 +739,7 @@ def main():
   parser.add_argument("--cases", default=None, help="default: all (--quick: all but memory)")
   parser.add_argument("--quick", action="store_true",
                       help="2 repeats and the paper UNet at width / 4")
-  parser.add_argument("--repeats", type=int, default=0, help="default 3 (2 with --quick)")
+  parser.add_argument("--repeats", type=int, default=0, help="default 5 (2 with --quick)")
   parser.add_argument("--threads", type=int, default=0, help="both libraries (0: all CPUs)")
   parser.add_argument("--paper_width_divisor", type=int, default=0,
                       help="paper UNet channels / this (default 1, 4 with --quick)")
@@ -752,7 +752,7 @@ def main():
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "benchmarks", "benchmark.md"))
   args = parser.parse_args()
-  args.repeats = args.repeats or (2 if args.quick else 3)
+  args.repeats = args.repeats or (2 if args.quick else 5)
   args.paper_width_divisor = args.paper_width_divisor or (4 if args.quick else 1)
   if args.cases is None:  # --quick leaves out the paper-size compile (> 6 min on 2 cores)
     args.cases = ",".join(c for c in ALL_CASES if not (args.quick and c == "memory"))
