@@ -29,10 +29,13 @@ def test_onednn_is_available_here():
   assert onednn.available(), onednn.unavailable_reason()
 
 
-@pytest.mark.parametrize("stride,pad", [(1, (1, 1)), (2, (0, 1))])
-def test_matches_native_at_blocked_widths(stride, pad):
+@pytest.mark.parametrize("stride,pad,blocked", [(1, (1, 1), False), (2, (0, 1), False),
+                                                (1, (1, 1), True), (2, (0, 1), True)])
+def test_matches_native_at_blocked_widths(stride, pad, blocked, monkeypatch):
   # 16 -> 32 channels select oneDNN's blocked-kernel implementations (a kernel reorder each way),
-  # unlike the 3 -> 4 channel cases of test_conv_lowering.
+  # unlike the 3 -> 4 channel cases of test_conv_lowering; `blocked` also reorders the activations
+  # into oneDNN's layout and back, as the paper UNet's 512-768 channel convolutions do.
+  monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 16 if blocked else 1 << 30)
   x, w, kc = _inputs((2, 8, 10, 6, 16), 3, 32)
   kw = dict(strides=(stride,) * 3, padding=(pad,) * 3)
 
@@ -48,7 +51,9 @@ def test_matches_native_at_blocked_widths(stride, pad):
     assert _rel(got, ref) < 1e-5, (name, _rel(got, ref))
 
 
-def test_bias_and_its_gradient_inside_the_call():
+@pytest.mark.parametrize("blocked", [False, True])
+def test_bias_and_its_gradient_inside_the_call(blocked, monkeypatch):
+  monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 8 if blocked else 1 << 30)
   x, w, kc = _inputs((2, 6, 7, 5, 8), 3, 16)
   bias = jax.random.normal(jax.random.PRNGKey(9), (16,), jnp.float32)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)

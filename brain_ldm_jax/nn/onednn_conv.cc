@@ -12,9 +12,11 @@
 // loops: done in XLA, each is one more pass over a full-size tensor, and the bias gradient's
 // reduction kept a full-size buffer of its own alive at the autoencoder's memory peak.
 //
-// Activations stay channels-last (oneDNN's "nxc"); the kernel is reordered to the layout the chosen
-// oneDNN implementation wants on every call (it changes every training step, and the reorder is
-// small beside the convolution). Primitives are built once per problem and cached.
+// Activations are channels-last (oneDNN's "nxc") outside the call; with the `blocked` attribute
+// the call reorders them to and from the layout oneDNN picks (onednn.py says when). The kernel is
+// reordered to the layout the chosen oneDNN implementation wants on every call (it changes every
+// training step, and the reorder is small beside the convolution). Primitives are built once per
+// problem and cached.
 //
 // The library is not linked: Python passes the path of libdnnl.so to BldmOnednnLoad, which resolves
 // the few C API functions used here. The declarations below are oneDNN's v3 C API (dnnl.h), whose
@@ -118,11 +120,12 @@ bool Resolve(void* lib, const char* name, Fn* fn, std::string* missing) {
 
 struct Problem {
   int64_t pass, n, ci, co;
+  int64_t blocked;  // activations in oneDNN's own layout inside the call (else channels-last)
   std::vector<int64_t> in_sp, k_sp, out_sp, strides, pad_lo, pad_hi;
 
   int nsp() const { return static_cast<int>(in_sp.size()); }
   std::vector<int64_t> Key() const {
-    std::vector<int64_t> key = {pass, n, ci, co};
+    std::vector<int64_t> key = {pass, n, ci, co, blocked};
     for (const auto* v : {&in_sp, &k_sp, &out_sp, &strides, &pad_lo, &pad_hi})
       key.insert(key.end(), v->begin(), v->end());
     return key;
@@ -177,8 +180,16 @@ dnnl_memory_desc_t AnyKernelMd(const Problem& p) {
   return md;
 }
 
+// An activation operand or result in the implementation's own layout, when it is not ours.
+struct ActivationReorder {
+  dnnl_primitive_t prim = nullptr;  // ours -> the implementation's (operands) or back (results)
+  const_dnnl_memory_desc_t impl_md = nullptr;
+  size_t bytes = 0;
+};
+
 struct Plan {
   dnnl_primitive_t conv = nullptr;
+  ActivationReorder a_reorder, b_reorder, out_reorder;
   // Between our kernel layout and the implementation's (null when they agree).
   dnnl_primitive_t kernel_reorder = nullptr;
   const_dnnl_memory_desc_t user_kernel_md = nullptr, impl_kernel_md = nullptr;
@@ -189,6 +200,34 @@ struct Plan {
 
 std::string Status(const char* what, dnnl_status_t s) {
   return std::string("oneDNN ") + what + " failed with status " + std::to_string(s);
+}
+
+// Activations of any layout: the implementation picks (a blocked one, for the "jit" kernels).
+dnnl_memory_desc_t AnyActivationMd(int64_t n, int64_t c, const std::vector<int64_t>& sp) {
+  dnnl_dims_t dims = {n, c};
+  for (size_t i = 0; i < sp.size(); ++i) dims[2 + i] = sp[i];
+  dnnl_memory_desc_t md = nullptr;
+  int nd = 2 + static_cast<int>(sp.size());
+  g_dnnl->memory_desc_create_with_tag(&md, nd, dims, kF32, kFormatAny);
+  return md;
+}
+
+// The reorder between our layout (`user_md`) and the one `pd` chose for `arg`, if they differ:
+// into the implementation's layout for an operand, out of it for the result.
+std::string ActivationPlan(const_dnnl_primitive_desc_t pd, int arg,
+                           const_dnnl_memory_desc_t user_md, bool operand, ActivationReorder* r) {
+  Dnnl& d = *g_dnnl;
+  const_dnnl_memory_desc_t impl = d.primitive_desc_query_md(pd, kQueryExecArgMd, arg);
+  if (impl == nullptr || d.memory_desc_equal(impl, user_md)) return "";
+  const_dnnl_memory_desc_t from = operand ? user_md : impl, to = operand ? impl : user_md;
+  dnnl_primitive_desc_t rpd = nullptr;
+  dnnl_status_t s = d.reorder_primitive_desc_create(&rpd, from, d.engine, to, d.engine, nullptr);
+  if (s != 0) return Status("activation reorder descriptor", s);
+  s = d.primitive_create(&r->prim, rpd);
+  if (s != 0) return Status("activation reorder primitive", s);
+  r->impl_md = impl;
+  r->bytes = d.memory_desc_get_size(impl);
+  return "";
 }
 
 // Builds the primitives for one problem; returns an error message, empty on success.
@@ -202,6 +241,9 @@ std::string BuildPlan(const Problem& p, Plan* plan) {
   }
   dnnl_memory_desc_t x_md = ActivationMd(p.n, p.ci, p.in_sp);
   dnnl_memory_desc_t y_md = ActivationMd(p.n, p.co, p.out_sp);
+  const bool blocked = p.blocked != 0;
+  dnnl_memory_desc_t x_conv = blocked ? AnyActivationMd(p.n, p.ci, p.in_sp) : x_md;
+  dnnl_memory_desc_t y_conv = blocked ? AnyActivationMd(p.n, p.co, p.out_sp) : y_md;
   dnnl_memory_desc_t any_k = AnyKernelMd(p);
   dnnl_memory_desc_t user_k = KernelMd(p);
   dnnl_memory_desc_t bias_md = nullptr;
@@ -215,19 +257,19 @@ std::string BuildPlan(const Problem& p, Plan* plan) {
   // The forward descriptor is needed by all passes (as the backward passes' hint).
   dnnl_primitive_desc_t fwd = nullptr;
   dnnl_status_t s = d.convolution_forward_primitive_desc_create(
-      &fwd, d.engine, kForwardTraining, kConvolutionDirect, x_md, any_k, bias_md, y_md, strides,
+      &fwd, d.engine, kForwardTraining, kConvolutionDirect, x_conv, any_k, bias_md, y_conv, strides,
       dilates, pad_l, pad_r, attr);
   if (s != 0) return Status("convolution forward descriptor", s);
   dnnl_primitive_desc_t pd = fwd;
   int kernel_arg = kArgWeights;
   if (p.pass == 1) {
     s = d.convolution_backward_data_primitive_desc_create(
-        &pd, d.engine, kConvolutionDirect, x_md, any_k, y_md, strides, dilates, pad_l, pad_r, fwd,
-        attr);
+        &pd, d.engine, kConvolutionDirect, x_conv, any_k, y_conv, strides, dilates, pad_l, pad_r,
+        fwd, attr);
     if (s != 0) return Status("convolution input-gradient descriptor", s);
   } else if (p.pass == 2) {
     s = d.convolution_backward_weights_primitive_desc_create(
-        &pd, d.engine, kConvolutionDirect, x_md, any_k, bias_md, y_md, strides, dilates, pad_l,
+        &pd, d.engine, kConvolutionDirect, x_conv, any_k, bias_md, y_conv, strides, dilates, pad_l,
         pad_r, fwd, attr);
     if (s != 0) return Status("convolution kernel-gradient descriptor", s);
     kernel_arg = kArgDiffWeights;
@@ -243,6 +285,16 @@ std::string BuildPlan(const Problem& p, Plan* plan) {
   plan->a_md = p.pass == 1 ? y_md : x_md;
   plan->b_md = y_md;  // pass 2's second operand (dy)
   plan->out_md = p.pass == 0 ? y_md : x_md;
+  const int a_arg = p.pass == 1 ? kArgDiffDst : kArgSrc;
+  std::string err = ActivationPlan(pd, a_arg, plan->a_md, true, &plan->a_reorder);
+  if (err.empty() && p.pass == 2) {
+    err = ActivationPlan(pd, kArgDiffDst, plan->b_md, true, &plan->b_reorder);
+  }
+  if (err.empty() && p.pass != 2) {
+    const int out_arg = p.pass == 0 ? kArgDst : kArgDiffSrc;
+    err = ActivationPlan(pd, out_arg, plan->out_md, false, &plan->out_reorder);
+  }
+  if (!err.empty()) return err;
 
   if (!d.memory_desc_equal(plan->impl_kernel_md, user_k)) {
     dnnl_primitive_desc_t rpd = nullptr;
@@ -313,6 +365,20 @@ struct Memory {
   dnnl_memory_t mem = nullptr;
 };
 
+// Reorders the operand at *data (layout *md) into `impl` and points both at the copy, when `r`
+// says the implementation wants another layout.
+std::string ReorderOperand(const ActivationReorder& r, dnnl_stream_t stream, void** data,
+                           const_dnnl_memory_desc_t* md, void* impl) {
+  if (r.prim == nullptr) return "";
+  Memory from(*md, *data), to(r.impl_md, impl);
+  dnnl_exec_arg_t args[] = {{kArgSrc, from.mem}, {kArgDst, to.mem}};
+  dnnl_status_t s = g_dnnl->primitive_execute(r.prim, stream, 2, args);
+  if (s != 0) return Status("activation reorder", s);
+  *data = impl;
+  *md = r.impl_md;
+  return "";
+}
+
 // `bias` is pass 0's bias and pass 2's bias gradient; unused by pass 1.
 std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* bias, void* out) {
   Dnnl& d = *g_dnnl;
@@ -335,24 +401,42 @@ std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* 
     if (s != 0) return Status("kernel reorder", s);
   }
   dnnl_status_t s;
+  // Activations in the implementation's layout, where it is not ours.
+  PooledBlock a_impl(plan.a_reorder.bytes), b_impl(plan.b_reorder.bytes);
+  PooledBlock out_impl(plan.out_reorder.bytes);
+  const_dnnl_memory_desc_t a_md = plan.a_md, b_md = plan.b_md, out_md = plan.out_md;
+  std::string err = ReorderOperand(plan.a_reorder, stream, &a, &a_md, a_impl.block.ptr);
+  if (err.empty()) err = ReorderOperand(plan.b_reorder, stream, &b, &b_md, b_impl.block.ptr);
+  if (!err.empty()) return err;
+  void* user_out = out;
+  if (plan.out_reorder.prim) {
+    out = out_impl.block.ptr;
+    out_md = plan.out_reorder.impl_md;
+  }
   if (p.pass == 0) {
-    Memory x(plan.a_md, a), y(plan.out_md, out), bias_m(plan.bias_md, bias);
+    Memory x(a_md, a), y(out_md, out), bias_m(plan.bias_md, bias);
     dnnl_exec_arg_t args[] = {{kArgSrc, x.mem}, {kArgWeights, impl_k.mem}, {kArgBias, bias_m.mem},
                               {kArgDst, y.mem}, {kArgScratchpad, scratch_m.mem}};
     s = d.primitive_execute(plan.conv, stream, 5, args);
   } else if (p.pass == 1) {
-    Memory dy(plan.a_md, a), dx(plan.out_md, out);
+    Memory dy(a_md, a), dx(out_md, out);
     dnnl_exec_arg_t args[] = {{kArgDiffDst, dy.mem}, {kArgWeights, impl_k.mem},
                               {kArgDiffSrc, dx.mem}, {kArgScratchpad, scratch_m.mem}};
     s = d.primitive_execute(plan.conv, stream, 4, args);
   } else {
-    Memory x(plan.a_md, a), dy(plan.b_md, b), dbias(plan.bias_md, bias);
+    Memory x(a_md, a), dy(b_md, b), dbias(plan.bias_md, bias);
     dnnl_exec_arg_t args[] = {{kArgSrc, x.mem}, {kArgDiffDst, dy.mem},
                               {kArgDiffWeights, impl_k.mem}, {kArgDiffBias, dbias.mem},
                               {kArgScratchpad, scratch_m.mem}};
     s = d.primitive_execute(plan.conv, stream, 5, args);
   }
   if (s != 0) return Status("convolution", s);
+  if (plan.out_reorder.prim) {
+    Memory from(out_md, out), to(plan.out_md, user_out);
+    dnnl_exec_arg_t args[] = {{kArgSrc, from.mem}, {kArgDst, to.mem}};
+    s = d.primitive_execute(plan.out_reorder.prim, stream, 2, args);
+    if (s != 0) return Status("activation reorder", s);
+  }
   if (plan.kernel_reorder && p.pass == 2) {
     dnnl_exec_arg_t args[] = {{kArgSrc, impl_k.mem}, {kArgDst, user_k.mem}};
     s = d.primitive_execute(plan.kernel_reorder, stream, 2, args);
@@ -371,8 +455,9 @@ std::vector<int64_t> ToVector(ffi::Span<const int64_t> s) {
   return std::vector<int64_t>(s.begin(), s.end());
 }
 
-ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::RemainingArgs extra_args,
-                       ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets extra_rets, int64_t pass,
+ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::RemainingArgs extra_args, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::RemainingRets extra_rets, int64_t pass, int64_t blocked,
                        ffi::Span<const int64_t> x_shape, ffi::Span<const int64_t> kernel_shape,
                        ffi::Span<const int64_t> y_shape, ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
@@ -387,6 +472,7 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
   }
   Problem p;
   p.pass = pass;
+  p.blocked = blocked;
   p.n = x_shape[0];
   p.ci = x_shape[nsp + 1];
   p.co = y_shape[nsp + 1];
@@ -442,6 +528,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .RemainingRets()
                                   .Attr<int64_t>("pass_")
+                                  .Attr<int64_t>("blocked")
                                   .Attr<xla::ffi::Span<const int64_t>>("x_shape")
                                   .Attr<xla::ffi::Span<const int64_t>>("kernel_shape")
                                   .Attr<xla::ffi::Span<const int64_t>>("y_shape")
@@ -451,8 +538,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
 
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
-// Probe: the first element of each example of x, as float32 (B,). An ordering tool for hand-scheduled backward passes (`layers.after`). A
-// value tied to this probe cannot be computed before x exists in memory, because XLA cannot fuse
+// Probe: the first element of each example of x, as float32 (B,). An ordering tool for
+// hand-scheduled backward passes (`layers.after`). A value tied to this probe cannot be computed before x exists in memory, because XLA cannot fuse
 // x's producer into a custom call. A tie through a plain slice of x does not hold: XLA fuses
 // the slice with x's producer and computes that one element from x's inputs, keeping them alive.
 
