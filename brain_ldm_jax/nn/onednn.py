@@ -197,7 +197,7 @@ def _conv_pass(pass_, geometry, a, b, *bias):
 # on activations in oneDNN's own blocked layout (reordered in and out inside the call, a few
 # hundred microseconds at these sizes), where oneDNN picks its direct "jit" kernels over the
 # channels-last "brgconv" ones, and the kernel reorder is cheaper. Forward, in one process on a
-# 2-core Sapphire Rapids, channels-last vs blocked: 6x8x6, 512 -> 512: 18.9 vs 15.7 ms;
+# 2-core Intel Xeon (Emerald Rapids), channels-last vs blocked: 6x8x6, 512 -> 512: 18.9 vs 15.7 ms;
 # 768 -> 768: 52.5 vs 36.2; 1280 -> 512: 86.0 vs 43.0; 10x14x10, 512: 68 vs 57 (with gradients
 # 198 vs 181). At 256 channels they tie (6x8x6) or channels-last wins (12x16x12, 20x28x20), as
 # it does at 16-128 channels, for 1x1x1 kernels and for winograd's 1D and 2D convolutions.
