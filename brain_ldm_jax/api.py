@@ -35,6 +35,7 @@ from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion import schedules
 from brain_ldm_jax.errors import ConfigError, DataError
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
+from brain_ldm_jax.nn import conv_lowering
 from brain_ldm_jax.nn import unet as unet_lib
 
 RUN_FILE = "run.json"
@@ -172,11 +173,13 @@ def sample_latents_fn(config, scale_factor: float, *, sampler: str, num_steps: i
     denoise = guidance.guided(denoise_with_cond, cond, guidance_scale)
     init_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     x_T = jax.vmap(lambda k: jax.random.normal(k, zshape))(init_keys)
-    return samplers.sample(denoise, x_T, step_keys, schedule, sampler=sampler,
-                           num_steps=num_steps, eta=eta,
-                           clip_sample=config.diffusion.clip_sample,
-                           prediction_type=config.diffusion.prediction_type,
-                           timestep_spacing=config.sampling.timestep_spacing or None)
+    # The UNet's parameters are the same at every step: its prepared kernels are made once.
+    with conv_lowering.invariant_kernels():
+      return samplers.sample(denoise, x_T, step_keys, schedule, sampler=sampler,
+                             num_steps=num_steps, eta=eta,
+                             clip_sample=config.diffusion.clip_sample,
+                             prediction_type=config.diffusion.prediction_type,
+                             timestep_spacing=config.sampling.timestep_spacing or None)
 
   return run
 

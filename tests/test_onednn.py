@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,73 @@ def test_bias_and_its_gradient_inside_the_call(blocked, monkeypatch):
 
   for name, got, ref in zip(("y", "dx", "dw", "dbias"), grads("onednn"), grads("native")):
     assert _rel(got, ref) < 1e-5, (name, _rel(got, ref))
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_prepared_kernel_gives_the_same_values_and_gradients(blocked, monkeypatch):
+  # The reorder moves into a call of its own; the convolution and its gradients are unchanged,
+  # to the bit. 16 -> 32 channels stand in for the paper UNet's multiples of 64.
+  monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 16 if blocked else 1 << 30)
+  monkeypatch.setattr(onednn, "_PREPARE_CHANNEL_MULTIPLE", 16)
+  x, w, kc = _inputs((2, 8, 10, 6, 16), 3, 32)
+  bias = jax.random.normal(jax.random.PRNGKey(9), (32,), jnp.float32)
+
+  def run(prepare):
+    def loss(x, w, b):
+      y = onednn.conv(x, w, (1, 1, 1), ((1, 1),) * 3, b, prepare_kernel=prepare)
+      return jnp.sum(y * jax.random.normal(kc, y.shape)), y
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, y), grads = fn(x, w, bias)
+    return (y, *grads), fn.lower(x, w, bias).as_text().count(onednn._PREPARE_TARGET)
+
+  (plain, n_plain), (prepared, n_prepared) = run(False), run(True)
+  assert (n_plain, n_prepared) == (0, 1)
+  for name, got, ref in zip(("y", "dx", "dw", "dbias"), prepared, plain):
+    assert jnp.array_equal(got, ref), name
+
+
+def test_kernel_whose_layout_pads_is_not_prepared(monkeypatch):
+  # 16 -> 40 channels: oneDNN's layout pads the output channels to its block.
+  x, w, _ = _inputs((1, 6, 6, 6, 16), 3, 40)
+
+  def conv(x, w):
+    return onednn.conv(x, w, (1, 1, 1), ((1, 1),) * 3, prepare_kernel=True)
+
+  assert onednn._PREPARE_TARGET not in jax.jit(conv).lower(x, w).as_text()
+  # Were the rule to admit it, the handler refuses instead of writing past the buffer.
+  monkeypatch.setattr(onednn, "_PREPARE_CHANNEL_MULTIPLE", 1)
+  with pytest.raises(Exception, match="cannot be prepared"):
+    jax.block_until_ready(jax.jit(lambda x, w: conv(x, w))(x, w))
+
+
+def _computation(hlo: str, name: str) -> str:
+  return next(block for block in hlo.split("\n\n") if block.split(" ", 1)[0] in (name, "%" + name))
+
+
+def test_invariant_kernels_are_prepared_once_before_the_loop(monkeypatch):
+  # Winograd's transformed kernels and oneDNN's reorders, at 16 channels standing in for 64+.
+  monkeypatch.setattr(onednn, "_PREPARE_CHANNEL_MULTIPLE", 16)
+  monkeypatch.setattr(conv_lowering, "_WINOGRAD_MIN_CHANNELS", 16)
+  x, w, _ = _inputs((1, 6, 16, 16, 16), 3, 16)
+  assert conv_lowering.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "winograd"
+
+  def loop(w, x):
+    step = lambda x, _: (x + 0.1 * conv_lowering.conv(x, w, strides=(1, 1, 1),  # noqa: E731
+                                                      padding=((1, 1),) * 3), None)
+    return jax.lax.scan(step, x, None, length=3)[0]
+
+  def invariant(w, x):
+    with conv_lowering.invariant_kernels():
+      return loop(w, x)
+
+  tied, hoisted = jax.jit(loop).lower(w, x).compile(), jax.jit(invariant).lower(w, x).compile()
+  assert _rel(hoisted(w, x), tied(w, x)) < 1e-6
+  target = f'custom_call_target="{onednn._PREPARE_TARGET}"'
+  assert target not in tied.as_text()
+  text = hoisted.as_text()
+  body = _computation(text, re.search(r"while\(.*?body=%?([\w.\-]+)", text).group(1))
+  assert "brain_ldm_jax_onednn_conv" in body
+  assert text.count(target) == 16 and target not in body  # one per transformed kernel, outside
 
 
 def test_probe_reads_each_example_first_element():

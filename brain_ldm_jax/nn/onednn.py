@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 _TARGET = "brain_ldm_jax_onednn_conv"
+_PREPARE_TARGET = "brain_ldm_jax_onednn_prepare_kernel"
 _PROBE_TARGET = "brain_ldm_jax_probe"
 _MATERIALIZE_TARGET = "brain_ldm_jax_materialize"
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -70,9 +71,16 @@ def unavailable_reason() -> str | None:
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-         padding: Sequence[tuple[int, int]], bias: jax.Array | None = None) -> jax.Array:
+         padding: Sequence[tuple[int, int]], bias: jax.Array | None = None, *,
+         prepare_kernel: bool = False) -> jax.Array:
   """Convolution (+ bias) through oneDNN: x (B, *spatial, Cin), kernel (*k, Cin, Cout) and bias
-  (Cout,), all float32. oneDNN adds the bias and sums its gradient inside the convolution."""
+  (Cout,), all float32. oneDNN adds the bias and sums its gradient inside the convolution.
+
+  The forward pass reorders the kernel into the layout oneDNN's implementation wants. With
+  `prepare_kernel` that reorder is a custom call of its own on the kernel alone, which XLA hoists
+  out of a loop over fixed parameters (`conv_lowering.invariant_kernels`); where the reordered
+  kernel would not have the kernel's size (`_preparable`), the flag is ignored. Same values.
+  """
   reason = _setup()
   if reason is not None:
     raise OnednnUnavailableError(f"conv impl 'onednn' is unavailable: {reason}")
@@ -83,7 +91,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                     f"and bias {bias.dtype}")
   if not 1 <= x.ndim - 2 <= 3:
     raise ValueError(f"conv impl 'onednn' takes 1-3 spatial dims, got input shape {x.shape}")
-  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding))
+  prepared = prepare_kernel and _preparable(kernel.shape)
+  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding), prepared)
 
 
 def probe(x: jax.Array) -> jax.Array:
@@ -147,19 +156,23 @@ def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
   return (x_shape[0], *spatial, kernel_shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv(x, kernel, bias, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(x, kernel, bias, strides, padding, prepared):
   y_shape = output_shape(x.shape, kernel.shape, strides, padding)
-  (y,) = _conv_call(_FORWARD, _geometry(x.shape, kernel.shape, y_shape, strides, padding),
-                    x, kernel, bias)
+  geometry = _geometry(x.shape, kernel.shape, y_shape, strides, padding)
+  if prepared:
+    (y,) = _forward_ready(geometry, x, _prepare(geometry, x.shape[0], kernel), bias)
+  else:
+    (y,) = _conv_call(_FORWARD, geometry, x, kernel, bias)
   return y
 
 
-def _conv_fwd(x, kernel, bias, strides, padding):
-  return _conv(x, kernel, bias, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, bias, strides, padding, prepared):
+  return _conv(x, kernel, bias, strides, padding, prepared), (x, kernel)
 
 
-def _conv_bwd(strides, padding, res, ct):
+def _conv_bwd(strides, padding, prepared, res, ct):
+  del prepared  # the gradients take the kernel as it is
   x, kernel = res
   geometry = _geometry(x.shape, kernel.shape, ct.shape, strides, padding)
   (dx,) = _input_grad_call(_INPUT_GRAD, geometry, ct, kernel)
@@ -179,18 +192,51 @@ def _geometry(x_shape, kernel_shape, y_shape, strides, padding):
 def _conv_pass(pass_, geometry, a, b, *bias):
   """One pass of the handler on `a`'s batch (forward: x, w, bias; input gradient: dy, w; kernel
   gradient: x, dy)."""
-  x_rest, kernel_shape, y_rest, strides, padding = geometry
-  x_shape, y_shape = (a.shape[0], *x_rest), (a.shape[0], *y_rest)
+  return _handler_call(pass_, geometry, (a, b, *bias), kernel_ready=False)
+
+
+def _forward_ready(geometry, x, kernel_ready, bias):
+  """The forward pass with a kernel from `_prepare` for this batch size."""
+  return _handler_call(_FORWARD, geometry, (x, kernel_ready, bias), kernel_ready=True)
+
+
+def _handler_call(pass_, geometry, operands, kernel_ready):
+  x_rest, kernel_shape, y_rest, _, _ = geometry
+  batch = operands[0].shape[0]
+  x_shape, y_shape = (batch, *x_rest), (batch, *y_rest)
   out_shapes = {_FORWARD: [y_shape], _INPUT_GRAD: [x_shape],
                 _KERNEL_GRAD: [kernel_shape, kernel_shape[-1:]]}[pass_]
-  as_attr = lambda v: np.asarray(v, np.int64)  # noqa: E731
   return tuple(jax.ffi.ffi_call(
       _TARGET, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
       vmap_method="sequential")(
-          a, b, *bias, pass_=np.int64(pass_), blocked=np.int64(_blocked_layout(kernel_shape)),
-          x_shape=as_attr(x_shape), kernel_shape=as_attr(kernel_shape),
-          y_shape=as_attr(y_shape), strides=as_attr(strides),
-          pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding])))
+          *operands, pass_=np.int64(pass_), kernel_ready=np.int64(kernel_ready),
+          **_problem_attrs(geometry, batch)))
+
+
+def _prepare(geometry, batch, kernel):
+  """The kernel in the layout the forward pass on `batch` examples wants: an opaque array of the
+  kernel's shape, for `_conv_pass(..., kernel_ready=True)`; depends on the kernel alone."""
+  return jax.ffi.ffi_call(_PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                          vmap_method="sequential")(kernel, **_problem_attrs(geometry, batch))
+
+
+def _problem_attrs(geometry, batch):
+  x_rest, kernel_shape, y_rest, strides, padding = geometry
+  as_attr = lambda v: np.asarray(v, np.int64)  # noqa: E731
+  return dict(blocked=np.int64(_blocked_layout(kernel_shape)),
+              x_shape=as_attr((batch, *x_rest)), kernel_shape=as_attr(kernel_shape),
+              y_shape=as_attr((batch, *y_rest)), strides=as_attr(strides),
+              pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding]))
+
+
+# A prepared kernel lives in a buffer of the kernel's own shape, so oneDNN's layout for it must
+# not pad: its channel blocks (16, 32 or 64 wide for float32) divide channel counts that are
+# multiples of 64. The handler checks the size too, and fails rather than overrun.
+_PREPARE_CHANNEL_MULTIPLE = 64
+
+
+def _preparable(kernel_shape) -> bool:
+  return all(c % _PREPARE_CHANNEL_MULTIPLE == 0 for c in kernel_shape[-2:])
 
 
 # 3D convolutions with at least this many input and output channels (and more than one tap) run
@@ -333,6 +379,9 @@ def _setup() -> str | None:
     if error is not None:
       raise OnednnUnavailableError(error.decode())
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler.BldmOnednnConvolution),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_PREPARE_TARGET,
+                                jax.ffi.pycapsule(handler.BldmOnednnPrepareKernel),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_PROBE_TARGET, jax.ffi.pycapsule(handler.BldmProbe),
                                 platform="cpu")

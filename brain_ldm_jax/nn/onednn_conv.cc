@@ -15,8 +15,10 @@
 // Activations are channels-last (oneDNN's "nxc") outside the call; with the `blocked` attribute
 // the call reorders them to and from the layout oneDNN picks (onednn.py says when). The kernel is
 // reordered to the layout the chosen oneDNN implementation wants on every call (it changes every
-// training step, and the reorder is small beside the convolution). Primitives are built once per
-// problem and cached.
+// training step, and the reorder is small beside the convolution), except where the forward pass
+// has `kernel_ready`: then b is already in that layout, made by the second handler here
+// (BldmOnednnPrepareKernel) from the kernel alone, so that XLA can hoist it out of a sampler's loop.
+// Primitives are built once per problem and cached.
 //
 // The library is not linked: Python passes the path of libdnnl.so to BldmOnednnLoad, which resolves
 // the few C API functions used here. The declarations below are oneDNN's v3 C API (dnnl.h), whose
@@ -379,23 +381,26 @@ std::string ReorderOperand(const ActivationReorder& r, dnnl_stream_t stream, voi
   return "";
 }
 
-// `bias` is pass 0's bias and pass 2's bias gradient; unused by pass 1.
-std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* bias, void* out) {
+// `bias` is pass 0's bias and pass 2's bias gradient; unused by pass 1. With `kernel_ready`
+// (pass 0 only) b is the kernel in the implementation's layout already.
+std::string Execute(const Plan& plan, const Problem& p, void* a, void* b, void* bias, void* out,
+                    bool kernel_ready) {
   Dnnl& d = *g_dnnl;
   dnnl_stream_t stream = nullptr;
   thread_local dnnl_stream_t tls_stream = nullptr;
   if (tls_stream == nullptr) d.stream_create(&tls_stream, d.engine, kStreamInOrder);
   stream = tls_stream;
 
+  const bool reorder_kernel = plan.kernel_reorder && !kernel_ready;
   PooledBlock scratch(plan.scratch_bytes);
-  PooledBlock impl_kernel(plan.kernel_reorder ? plan.impl_kernel_bytes : 0);
+  PooledBlock impl_kernel(reorder_kernel ? plan.impl_kernel_bytes : 0);
   void* kernel_user = p.pass == 2 ? out : b;
-  void* kernel_impl = plan.kernel_reorder ? impl_kernel.block.ptr : kernel_user;
+  void* kernel_impl = reorder_kernel ? impl_kernel.block.ptr : kernel_user;
   Memory user_k(plan.user_kernel_md, kernel_user);
   Memory impl_k(plan.impl_kernel_md, kernel_impl);
   Memory scratch_m(plan.scratch_md, scratch.block.ptr);
 
-  if (plan.kernel_reorder && p.pass != 2) {
+  if (reorder_kernel && p.pass != 2) {
     dnnl_exec_arg_t args[] = {{kArgSrc, user_k.mem}, {kArgDst, impl_k.mem}};
     dnnl_status_t s = d.primitive_execute(plan.kernel_reorder, stream, 2, args);
     if (s != 0) return Status("kernel reorder", s);
@@ -455,47 +460,80 @@ std::vector<int64_t> ToVector(ffi::Span<const int64_t> s) {
   return std::vector<int64_t>(s.begin(), s.end());
 }
 
-ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                       ffi::RemainingArgs extra_args, ffi::ResultBuffer<ffi::F32> out,
-                       ffi::RemainingRets extra_rets, int64_t pass, int64_t blocked,
-                       ffi::Span<const int64_t> x_shape, ffi::Span<const int64_t> kernel_shape,
-                       ffi::Span<const int64_t> y_shape, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
-  if (g_dnnl == nullptr) {
-    return ffi::Error::Internal("oneDNN convolution called before BldmOnednnLoad");
-  }
+// The problem the attributes describe, for `pass`; an error when they disagree.
+ffi::Error MakeProblem(int64_t pass, int64_t blocked, ffi::Span<const int64_t> x_shape,
+                       ffi::Span<const int64_t> kernel_shape, ffi::Span<const int64_t> y_shape,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                       ffi::Span<const int64_t> pad_hi, Problem* p) {
   size_t nsp = x_shape.size() - 2;
   if (pass < 0 || pass > 2 || nsp < 1 || nsp > 3 || kernel_shape.size() != nsp + 2 ||
       y_shape.size() != nsp + 2 || strides.size() != nsp || pad_lo.size() != nsp ||
       pad_hi.size() != nsp) {
     return ffi::Error::InvalidArgument("oneDNN convolution: inconsistent problem attributes");
   }
-  Problem p;
-  p.pass = pass;
-  p.blocked = blocked;
-  p.n = x_shape[0];
-  p.ci = x_shape[nsp + 1];
-  p.co = y_shape[nsp + 1];
-  p.in_sp.assign(x_shape.begin() + 1, x_shape.begin() + 1 + nsp);
-  p.out_sp.assign(y_shape.begin() + 1, y_shape.begin() + 1 + nsp);
-  p.k_sp.assign(kernel_shape.begin(), kernel_shape.begin() + nsp);
-  p.strides = ToVector(strides);
-  p.pad_lo = ToVector(pad_lo);
-  p.pad_hi = ToVector(pad_hi);
+  p->pass = pass;
+  p->blocked = blocked;
+  p->n = x_shape[0];
+  p->ci = x_shape[nsp + 1];
+  p->co = y_shape[nsp + 1];
+  p->in_sp.assign(x_shape.begin() + 1, x_shape.begin() + 1 + nsp);
+  p->out_sp.assign(y_shape.begin() + 1, y_shape.begin() + 1 + nsp);
+  p->k_sp.assign(kernel_shape.begin(), kernel_shape.begin() + nsp);
+  p->strides = ToVector(strides);
+  p->pad_lo = ToVector(pad_lo);
+  p->pad_hi = ToVector(pad_hi);
+  return ffi::Error::Success();
+}
 
+// The problem's cached plan, built on first use.
+ffi::Error FindPlan(const Problem& p, Plan** plan) {
+  std::lock_guard<std::mutex> lock(g_plans_mu);
+  if (g_plans == nullptr) g_plans = new std::map<std::vector<int64_t>, std::unique_ptr<Plan>>;
+  auto key = p.Key();
+  auto it = g_plans->find(key);
+  if (it == g_plans->end()) {
+    auto fresh = std::make_unique<Plan>();
+    std::string err = BuildPlan(p, fresh.get());
+    if (!err.empty()) return ffi::Error::Internal(err);
+    it = g_plans->emplace(key, std::move(fresh)).first;
+  }
+  *plan = it->second.get();
+  return ffi::Error::Success();
+}
+
+// A prepared kernel takes the kernel's own buffer shape: only layouts without padding fit.
+ffi::Error CheckPreparedSize(const Plan& plan, size_t kernel_bytes) {
+  if (plan.impl_kernel_bytes == kernel_bytes) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(
+      "oneDNN convolution: the implementation's kernel layout takes " +
+      std::to_string(plan.impl_kernel_bytes) + " bytes, not the kernel's " +
+      std::to_string(kernel_bytes) + "; such a kernel cannot be prepared (onednn.py's rule "
+      "for prepared kernels admits it by mistake)");
+}
+
+ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::RemainingArgs extra_args, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::RemainingRets extra_rets, int64_t pass, int64_t blocked,
+                       int64_t kernel_ready, ffi::Span<const int64_t> x_shape,
+                       ffi::Span<const int64_t> kernel_shape, ffi::Span<const int64_t> y_shape,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                       ffi::Span<const int64_t> pad_hi) {
+  if (g_dnnl == nullptr) {
+    return ffi::Error::Internal("oneDNN convolution called before BldmOnednnLoad");
+  }
+  Problem p;
+  ffi::Error error =
+      MakeProblem(pass, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
+  if (error.failure()) return error;
+  if (kernel_ready && pass != 0) {
+    return ffi::Error::InvalidArgument("oneDNN convolution: kernel_ready is for the forward pass");
+  }
   Plan* plan = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(g_plans_mu);
-    if (g_plans == nullptr) g_plans = new std::map<std::vector<int64_t>, std::unique_ptr<Plan>>;
-    auto key = p.Key();
-    auto it = g_plans->find(key);
-    if (it == g_plans->end()) {
-      auto fresh = std::make_unique<Plan>();
-      std::string err = BuildPlan(p, fresh.get());
-      if (!err.empty()) return ffi::Error::Internal(err);
-      it = g_plans->emplace(key, std::move(fresh)).first;
-    }
-    plan = it->second.get();
+  error = FindPlan(p, &plan);
+  if (error.failure()) return error;
+  if (kernel_ready) {
+    error = CheckPreparedSize(*plan, b.size_bytes());
+    if (error.failure()) return error;
   }
   // Pass 0 takes the bias as a third operand; pass 2 returns the bias gradient second.
   void* bias = nullptr;
@@ -508,15 +546,49 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     if (ret.has_error()) return ret.error();
     bias = (*ret)->untyped_data();
   }
-  std::string err =
-      Execute(*plan, p, a.untyped_data(), b.untyped_data(), bias, out->untyped_data());
+  std::string err = Execute(*plan, p, a.untyped_data(), b.untyped_data(), bias,
+                            out->untyped_data(), kernel_ready != 0);
   if (!err.empty()) return ffi::Error::Internal(err);
+  return ffi::Error::Success();
+}
+
+// The forward pass's kernel in the layout its implementation wants (for `kernel_ready`).
+ffi::Error PrepareKernel(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> out,
+                         int64_t blocked, ffi::Span<const int64_t> x_shape,
+                         ffi::Span<const int64_t> kernel_shape, ffi::Span<const int64_t> y_shape,
+                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                         ffi::Span<const int64_t> pad_hi) {
+  if (g_dnnl == nullptr) {
+    return ffi::Error::Internal("oneDNN kernel preparation called before BldmOnednnLoad");
+  }
+  Problem p;
+  ffi::Error error =
+      MakeProblem(0, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
+  if (error.failure()) return error;
+  Plan* plan = nullptr;
+  error = FindPlan(p, &plan);
+  if (error.failure()) return error;
+  error = CheckPreparedSize(*plan, kernel.size_bytes());
+  if (error.failure()) return error;
+  if (plan->kernel_reorder == nullptr) {
+    std::memcpy(out->untyped_data(), kernel.untyped_data(), kernel.size_bytes());
+    return ffi::Error::Success();
+  }
+  Dnnl& d = *g_dnnl;
+  thread_local dnnl_stream_t stream = nullptr;
+  if (stream == nullptr) d.stream_create(&stream, d.engine, kStreamInOrder);
+  Memory user_k(plan->user_kernel_md, kernel.untyped_data());
+  Memory impl_k(plan->impl_kernel_md, out->untyped_data());
+  dnnl_exec_arg_t args[] = {{kArgSrc, user_k.mem}, {kArgDst, impl_k.mem}};
+  dnnl_status_t s = d.primitive_execute(plan->kernel_reorder, stream, 2, args);
+  if (s == 0) s = d.stream_wait(stream);
+  if (s != 0) return ffi::Error::Internal(Status("kernel reorder", s));
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Exported although the library is built with hidden visibility: these two are its interface.
+// Exported although the library is built with hidden visibility: the handlers are its interface.
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnConvolution(
     XLA_FFI_CallFrame* call_frame);
 
@@ -528,6 +600,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .RemainingRets()
                                   .Attr<int64_t>("pass_")
+                                  .Attr<int64_t>("blocked")
+                                  .Attr<int64_t>("kernel_ready")
+                                  .Attr<xla::ffi::Span<const int64_t>>("x_shape")
+                                  .Attr<xla::ffi::Span<const int64_t>>("kernel_shape")
+                                  .Attr<xla::ffi::Span<const int64_t>>("y_shape")
+                                  .Attr<xla::ffi::Span<const int64_t>>("strides")
+                                  .Attr<xla::ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<xla::ffi::Span<const int64_t>>("pad_hi"));
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnPrepareKernel(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnPrepareKernel, PrepareKernel,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<int64_t>("blocked")
                                   .Attr<xla::ffi::Span<const int64_t>>("x_shape")
                                   .Attr<xla::ffi::Span<const int64_t>>("kernel_shape")
