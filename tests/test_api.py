@@ -78,3 +78,23 @@ def test_samples_do_not_depend_on_the_batch(run):
   alone = np.asarray(sample(run.params, key, {k: v[2:] for k, v in COND.items()},
                             first_index=2))
   np.testing.assert_array_equal(alone[0], together[2])
+
+
+def test_the_sampling_loop_prepares_kernels_once_and_the_decoder_does_not(run, monkeypatch):
+  # Traced only: which convolutions ask for kernels prepared from the parameters alone
+  # (conv_lowering.invariant_kernels), so that XLA hoists them out of the sampler's loop.
+  from brain_ldm_jax.nn import onednn  # pylint: disable=g-import-not-at-top
+  asked = []
+  plain_conv = onednn.conv
+
+  def recording_conv(*args, prepare_kernel=False, **kwargs):
+    asked.append(prepare_kernel)
+    return plain_conv(*args, prepare_kernel=prepare_kernel, **kwargs)
+
+  monkeypatch.setattr(onednn, "conv", recording_conv)
+  images = api.images_fn(run, sampler="ddim", num_steps=2, eta=0.0, guidance_scale=1.0)
+  cond = np.zeros((1, len(NAMES)), np.float32)
+  jax.eval_shape(images, run.params, jax.random.key(0), cond, np.zeros((1,), np.int32))
+  loop, decoder = asked[:asked.index(False)], asked[asked.index(False):]
+  assert loop and all(loop), "the UNet in the sampling loop"
+  assert decoder and not any(decoder), "the autoencoder's decoder, after the loop"
