@@ -485,15 +485,24 @@ ffi::Error MakeProblem(int64_t pass, int64_t blocked, ffi::Span<const int64_t> x
   return ffi::Error::Success();
 }
 
-// The problem's cached plan, built on first use.
-ffi::Error FindPlan(const Problem& p, Plan** plan) {
+// The problem the attributes describe, and its cached plan (built on first use).
+ffi::Error FindPlan(int64_t pass, int64_t blocked, ffi::Span<const int64_t> x_shape,
+                    ffi::Span<const int64_t> kernel_shape, ffi::Span<const int64_t> y_shape,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                    ffi::Span<const int64_t> pad_hi, Problem* p, Plan** plan) {
+  if (g_dnnl == nullptr) {
+    return ffi::Error::Internal("oneDNN convolution called before BldmOnednnLoad");
+  }
+  ffi::Error error =
+      MakeProblem(pass, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, p);
+  if (error.failure()) return error;
   std::lock_guard<std::mutex> lock(g_plans_mu);
   if (g_plans == nullptr) g_plans = new std::map<std::vector<int64_t>, std::unique_ptr<Plan>>;
-  auto key = p.Key();
+  auto key = p->Key();
   auto it = g_plans->find(key);
   if (it == g_plans->end()) {
     auto fresh = std::make_unique<Plan>();
-    std::string err = BuildPlan(p, fresh.get());
+    std::string err = BuildPlan(*p, fresh.get());
     if (!err.empty()) return ffi::Error::Internal(err);
     it = g_plans->emplace(key, std::move(fresh)).first;
   }
@@ -518,18 +527,13 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        ffi::Span<const int64_t> kernel_shape, ffi::Span<const int64_t> y_shape,
                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                        ffi::Span<const int64_t> pad_hi) {
-  if (g_dnnl == nullptr) {
-    return ffi::Error::Internal("oneDNN convolution called before BldmOnednnLoad");
-  }
-  Problem p;
-  ffi::Error error =
-      MakeProblem(pass, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
-  if (error.failure()) return error;
   if (kernel_ready && pass != 0) {
     return ffi::Error::InvalidArgument("oneDNN convolution: kernel_ready is for the forward pass");
   }
+  Problem p;
   Plan* plan = nullptr;
-  error = FindPlan(p, &plan);
+  ffi::Error error = FindPlan(pass, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo,
+                              pad_hi, &p, &plan);
   if (error.failure()) return error;
   if (kernel_ready) {
     error = CheckPreparedSize(*plan, b.size_bytes());
@@ -558,15 +562,10 @@ ffi::Error PrepareKernel(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F3
                          ffi::Span<const int64_t> kernel_shape, ffi::Span<const int64_t> y_shape,
                          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                          ffi::Span<const int64_t> pad_hi) {
-  if (g_dnnl == nullptr) {
-    return ffi::Error::Internal("oneDNN kernel preparation called before BldmOnednnLoad");
-  }
   Problem p;
-  ffi::Error error =
-      MakeProblem(0, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
-  if (error.failure()) return error;
   Plan* plan = nullptr;
-  error = FindPlan(p, &plan);
+  ffi::Error error = FindPlan(0, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi,
+                              &p, &plan);
   if (error.failure()) return error;
   error = CheckPreparedSize(*plan, kernel.size_bytes());
   if (error.failure()) return error;
@@ -592,37 +591,38 @@ ffi::Error PrepareKernel(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F3
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnConvolution(
     XLA_FFI_CallFrame* call_frame);
 
+// The attributes after which both handlers take a convolution problem's shapes.
+template <typename Binding>
+auto WithProblemShapes(Binding binding) {
+  using Shape = xla::ffi::Span<const int64_t>;
+  return std::move(binding)
+      .template Attr<Shape>("x_shape")
+      .template Attr<Shape>("kernel_shape")
+      .template Attr<Shape>("y_shape")
+      .template Attr<Shape>("strides")
+      .template Attr<Shape>("pad_lo")
+      .template Attr<Shape>("pad_hi");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .RemainingArgs()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("pass_")
-                                  .Attr<int64_t>("blocked")
-                                  .Attr<int64_t>("kernel_ready")
-                                  .Attr<xla::ffi::Span<const int64_t>>("x_shape")
-                                  .Attr<xla::ffi::Span<const int64_t>>("kernel_shape")
-                                  .Attr<xla::ffi::Span<const int64_t>>("y_shape")
-                                  .Attr<xla::ffi::Span<const int64_t>>("strides")
-                                  .Attr<xla::ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<xla::ffi::Span<const int64_t>>("pad_hi"));
+                              WithProblemShapes(xla::ffi::Ffi::Bind()
+                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .RemainingArgs()
+                                                    .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .RemainingRets()
+                                                    .Attr<int64_t>("pass_")
+                                                    .Attr<int64_t>("blocked")
+                                                    .Attr<int64_t>("kernel_ready")));
 
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnPrepareKernel(
     XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnPrepareKernel, PrepareKernel,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Attr<int64_t>("blocked")
-                                  .Attr<xla::ffi::Span<const int64_t>>("x_shape")
-                                  .Attr<xla::ffi::Span<const int64_t>>("kernel_shape")
-                                  .Attr<xla::ffi::Span<const int64_t>>("y_shape")
-                                  .Attr<xla::ffi::Span<const int64_t>>("strides")
-                                  .Attr<xla::ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<xla::ffi::Span<const int64_t>>("pad_hi"));
+                              WithProblemShapes(xla::ffi::Ffi::Bind()
+                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .Attr<int64_t>("blocked")));
 
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
