@@ -6,11 +6,13 @@ XLA:CPU's convolutions, and every exact rewrite of a 3D convolution into XLA ope
 inside the compiled XLA program, for the forward pass and both gradients.
 
 How it is put together:
-  * `onednn_conv.cc` (next to this file) is one FFI handler over oneDNN's C API. It is compiled
-    on first use with the system C++ compiler against the installed jaxlib's FFI headers, into a
-    per-user cache (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax, or the temp directory
-    when that is read-only), keyed by the source and the jaxlib version; later processes load the
-    cached library. Building takes a few seconds.
+  * `onednn_conv.cc` (next to this file) holds the FFI handlers over oneDNN's C API: the
+    convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), and
+    two scheduling tools (`probe`, `materialize`). It is compiled on first use with the system
+    C++ compiler against the installed jaxlib's FFI headers, into a per-user cache
+    (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax, or the temp directory when that is
+    read-only), keyed by the source and the jaxlib version; later processes load the cached
+    library. Building takes a few seconds.
   * oneDNN itself comes from the `onednn-cpu-gomp` wheel (a dependency on Linux x86-64), or from
     the library `$BRAIN_LDM_ONEDNN_LIB` names. It is opened with dlopen; nothing is linked.
   * `available()` says whether all of that worked; `unavailable_reason()` says why not. `conv`'s
