@@ -70,14 +70,13 @@ def test_bias_and_its_gradient_inside_the_call(blocked, monkeypatch):
     assert _rel(got, ref) < 1e-5, (name, _rel(got, ref))
 
 
-@pytest.mark.parametrize("blocked", [False, True])
-def test_prepared_kernel_gives_the_same_values_and_gradients(blocked, monkeypatch):
+@pytest.mark.parametrize("blocked,cout", [(False, 32), (True, 32), (False, 40)])
+def test_prepared_kernel_gives_the_same_values_and_gradients(blocked, cout, monkeypatch):
   # The reorder moves into a call of its own; the convolution and its gradients are unchanged,
-  # to the bit. 16 -> 32 channels stand in for the paper UNet's multiples of 64.
+  # to the bit. 40 output channels: oneDNN's layout pads the kernel beyond its own size.
   monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 16 if blocked else 1 << 30)
-  monkeypatch.setattr(onednn, "_PREPARE_CHANNEL_MULTIPLE", 16)
-  x, w, kc = _inputs((2, 8, 10, 6, 16), 3, 32)
-  bias = jax.random.normal(jax.random.PRNGKey(9), (32,), jnp.float32)
+  x, w, kc = _inputs((2, 8, 10, 6, 16), 3, cout)
+  bias = jax.random.normal(jax.random.PRNGKey(9), (cout,), jnp.float32)
 
   def run(prepare):
     def loss(x, w, b):
@@ -93,18 +92,14 @@ def test_prepared_kernel_gives_the_same_values_and_gradients(blocked, monkeypatc
     assert jnp.array_equal(got, ref), name
 
 
-def test_kernel_whose_layout_pads_is_not_prepared(monkeypatch):
-  # 16 -> 40 channels: oneDNN's layout pads the output channels to its block.
+def test_prepared_kernel_too_small_for_its_layout_is_refused():
   x, w, _ = _inputs((1, 6, 6, 6, 16), 3, 40)
-
-  def conv(x, w):
-    return onednn.conv(x, w, (1, 1, 1), ((1, 1),) * 3, prepare_kernel=True)
-
-  assert onednn._PREPARE_TARGET not in jax.jit(conv).lower(x, w).as_text()
-  # Were the rule to admit it, the handler refuses instead of writing past the buffer.
-  monkeypatch.setattr(onednn, "_PREPARE_CHANNEL_MULTIPLE", 1)
-  with pytest.raises(Exception, match="cannot be prepared"):
-    jax.block_until_ready(jax.jit(lambda x, w: conv(x, w))(x, w))
+  geometry = onednn._geometry(x.shape, w.shape, (1, 6, 6, 6, 40), (1, 1, 1), ((1, 1),) * 3)
+  assert onednn._prepared_kernel_bytes(geometry, 1) > w.size * 4  # padded: the case to guard
+  too_small = jnp.zeros((w.size,), jnp.float32)
+  with pytest.raises(Exception, match="more than the prepared kernel's"):
+    jax.block_until_ready(jax.jit(lambda x, k, b: onednn._forward_ready(geometry, x, k, b))(
+        x, too_small, jnp.zeros((40,), jnp.float32)))
 
 
 def _computation(hlo: str, name: str) -> str:
@@ -113,7 +108,6 @@ def _computation(hlo: str, name: str) -> str:
 
 def test_invariant_kernels_are_prepared_once_before_the_loop(monkeypatch):
   # Winograd's transformed kernels and oneDNN's reorders, at 16 channels standing in for 64+.
-  monkeypatch.setattr(onednn, "_PREPARE_CHANNEL_MULTIPLE", 16)
   monkeypatch.setattr(conv_lowering, "_WINOGRAD_MIN_CHANNELS", 16)
   x, w, _ = _inputs((1, 6, 16, 16, 16), 3, 16)
   assert conv_lowering.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "winograd"

@@ -80,8 +80,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 
   The forward pass reorders the kernel into the layout oneDNN's implementation wants. With
   `prepare_kernel` that reorder is a custom call of its own on the kernel alone, which XLA hoists
-  out of a loop over fixed parameters (`conv_lowering.invariant_kernels`); where the reordered
-  kernel would not have the kernel's size (`_preparable`), the flag is ignored. Same values.
+  out of a loop over fixed parameters (`conv_lowering.invariant_kernels`). Same values.
   """
   reason = _setup()
   if reason is not None:
@@ -93,8 +92,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                     f"and bias {bias.dtype}")
   if not 1 <= x.ndim - 2 <= 3:
     raise ValueError(f"conv impl 'onednn' takes 1-3 spatial dims, got input shape {x.shape}")
-  prepared = prepare_kernel and _preparable(kernel.shape)
-  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding), prepared)
+  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding),
+               bool(prepare_kernel))
 
 
 def probe(x: jax.Array) -> jax.Array:
@@ -216,10 +215,26 @@ def _handler_call(pass_, geometry, operands, kernel_ready):
 
 
 def _prepare(geometry, batch, kernel):
-  """The kernel in the layout the forward pass on `batch` examples wants: an opaque array of the
-  kernel's shape, for `_conv_pass(..., kernel_ready=True)`; depends on the kernel alone."""
-  return jax.ffi.ffi_call(_PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+  """The kernel in the layout the forward pass on `batch` examples wants, for `_forward_ready`:
+  a flat, opaque float32 array (oneDNN's layout may pad the kernel); depends on the kernel
+  alone."""
+  size = -(-_prepared_kernel_bytes(geometry, batch) // 4)
+  return jax.ffi.ffi_call(_PREPARE_TARGET, jax.ShapeDtypeStruct((size,), jnp.float32),
                           vmap_method="sequential")(kernel, **_problem_attrs(geometry, batch))
+
+
+@functools.cache
+def _prepared_kernel_bytes(geometry, batch) -> int:
+  attrs = _problem_attrs(geometry, batch)
+  arrays = [np.ascontiguousarray(attrs[name]) for name in
+            ("x_shape", "kernel_shape", "y_shape", "strides", "pad_lo", "pad_hi")]
+  pointer = ctypes.POINTER(ctypes.c_int64)
+  size = _handler().BldmOnednnPreparedKernelBytes(
+      ctypes.c_int64(int(attrs["blocked"])), ctypes.c_int64(len(geometry[3])),
+      *(a.ctypes.data_as(pointer) for a in arrays))
+  if size < 0:
+    raise OnednnUnavailableError(f"oneDNN has no forward convolution for {geometry}")
+  return size
 
 
 def _problem_attrs(geometry, batch):
@@ -231,14 +246,6 @@ def _problem_attrs(geometry, batch):
               pad_lo=as_attr([lo for lo, _ in padding]), pad_hi=as_attr([hi for _, hi in padding]))
 
 
-# A prepared kernel lives in a buffer of the kernel's own shape, so oneDNN's layout for it must
-# not pad: its channel blocks (16, 32 or 64 wide for float32) divide channel counts that are
-# multiples of 64. The handler checks the size too, and fails rather than overrun.
-_PREPARE_CHANNEL_MULTIPLE = 64
-
-
-def _preparable(kernel_shape) -> bool:
-  return all(c % _PREPARE_CHANNEL_MULTIPLE == 0 for c in kernel_shape[-2:])
 
 
 # 3D convolutions with at least this many input and output channels (and more than one tap) run
@@ -370,13 +377,19 @@ _materialize_call = _per_example(_materialize, 0, (True,), True)
 # ---- Building, loading and registering the handler (once per process). ----
 
 @functools.cache
+def _handler() -> ctypes.CDLL:
+  return ctypes.CDLL(str(_build()))
+
+
+@functools.cache
 def _setup() -> str | None:
   """Builds/loads the handler and registers it; returns None, or why the path is unavailable."""
   try:
     library = _onednn_library()
-    handler = ctypes.CDLL(str(_build()))
+    handler = _handler()
     handler.BldmOnednnLoad.restype = ctypes.c_char_p
     handler.BldmOnednnLoad.argtypes = [ctypes.c_char_p]
+    handler.BldmOnednnPreparedKernelBytes.restype = ctypes.c_int64
     error = handler.BldmOnednnLoad(str(library).encode())
     if error is not None:
       raise OnednnUnavailableError(error.decode())

@@ -510,14 +510,13 @@ ffi::Error FindPlan(int64_t pass, int64_t blocked, ffi::Span<const int64_t> x_sh
   return ffi::Error::Success();
 }
 
-// A prepared kernel takes the kernel's own buffer shape: only layouts without padding fit.
-ffi::Error CheckPreparedSize(const Plan& plan, size_t kernel_bytes) {
-  if (plan.impl_kernel_bytes == kernel_bytes) return ffi::Error::Success();
+// A prepared kernel's buffer (sized by BldmOnednnPreparedKernelBytes) must hold the layout.
+ffi::Error CheckPreparedSize(const Plan& plan, size_t buffer_bytes) {
+  if (buffer_bytes >= plan.impl_kernel_bytes) return ffi::Error::Success();
   return ffi::Error::InvalidArgument(
       "oneDNN convolution: the implementation's kernel layout takes " +
-      std::to_string(plan.impl_kernel_bytes) + " bytes, not the kernel's " +
-      std::to_string(kernel_bytes) + "; such a kernel cannot be prepared (onednn.py's rule "
-      "for prepared kernels admits it by mistake)");
+      std::to_string(plan.impl_kernel_bytes) + " bytes, more than the prepared kernel's " +
+      std::to_string(buffer_bytes));
 }
 
 ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
@@ -567,10 +566,10 @@ ffi::Error PrepareKernel(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F3
   ffi::Error error = FindPlan(0, blocked, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi,
                               &p, &plan);
   if (error.failure()) return error;
-  error = CheckPreparedSize(*plan, kernel.size_bytes());
+  error = CheckPreparedSize(*plan, out->size_bytes());
   if (error.failure()) return error;
   if (plan->kernel_reorder == nullptr) {
-    std::memcpy(out->untyped_data(), kernel.untyped_data(), kernel.size_bytes());
+    std::memcpy(out->untyped_data(), kernel.untyped_data(), plan->impl_kernel_bytes);
     return ffi::Error::Success();
   }
   Dnnl& d = *g_dnnl;
@@ -586,6 +585,22 @@ ffi::Error PrepareKernel(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F3
 }
 
 }  // namespace
+
+// The bytes of a forward pass's kernel in its implementation's layout (oneDNN may pad it), for
+// onednn.py to size a prepared kernel when it traces; -1 when the problem has no plan.
+extern "C" __attribute__((visibility("default"))) int64_t BldmOnednnPreparedKernelBytes(
+    int64_t blocked, int64_t nsp, const int64_t* x_shape, const int64_t* kernel_shape,
+    const int64_t* y_shape, const int64_t* strides, const int64_t* pad_lo,
+    const int64_t* pad_hi) {
+  using Ints = xla::ffi::Span<const int64_t>;
+  const size_t rank = static_cast<size_t>(nsp) + 2, n = static_cast<size_t>(nsp);
+  Problem p;
+  Plan* plan = nullptr;
+  xla::ffi::Error error = FindPlan(0, blocked, Ints(x_shape, rank), Ints(kernel_shape, rank),
+                                   Ints(y_shape, rank), Ints(strides, n), Ints(pad_lo, n),
+                                   Ints(pad_hi, n), &p, &plan);
+  return error.failure() ? -1 : static_cast<int64_t>(plan->impl_kernel_bytes);
+}
 
 // Exported although the library is built with hidden visibility: the handlers are its interface.
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnConvolution(
