@@ -1,4 +1,5 @@
-"""The oneDNN convolution custom call: built, chosen by `auto` on CPU, exact, and safe to lack."""
+"""The oneDNN custom calls (convolution, matmul): built, chosen by `auto` on CPU, exact, and safe
+to lack."""
 
 import json
 import os
@@ -210,6 +211,70 @@ def test_build_error_is_reported(monkeypatch, tmp_path):
   assert not any(tmp_path.glob("*.so"))
 
 
+def test_matmul_matches_dot_values_and_gradients():
+  # A dense layer through oneDNN's sgemm: the forward (x @ w), the input gradient (dy @ w^T) and
+  # the kernel gradient (x^T @ dy, summed over all leading dims); also under vmap.
+  kx, kw, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(kx, (2, 3, 5, 24), jnp.float32)
+  w = jax.random.normal(kw, (24, 40), jnp.float32)
+
+  def value_and_grads(matmul):
+    def loss(x, w):
+      y = matmul(x, w)
+      return jnp.sum(y * jax.random.normal(kc, y.shape)), y
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+    return (y, *grads)
+
+  for name, got, ref in zip(("y", "dx", "dw"), value_and_grads(onednn.matmul),
+                            value_and_grads(jnp.dot)):
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-6, (name, _rel(got, ref))
+  assert _rel(jax.vmap(onednn.matmul, (0, None))(x, w), jnp.dot(x, w)) < 1e-6
+
+
+def test_matmul_rejects_bad_operands():
+  x = jnp.ones((2, 3, 4), jnp.float32)
+  with pytest.raises(ValueError, match=r"kernel \(K, N\), got \(2, 3, 4\) and \(5, 2\)"):
+    onednn.matmul(x, jnp.ones((5, 2), jnp.float32))
+  with pytest.raises(ValueError, match="x \\(B, ..., K\\)"):
+    onednn.matmul(jnp.ones((4,), jnp.float32), jnp.ones((4, 2), jnp.float32))
+  with pytest.raises(TypeError, match="float32"):
+    onednn.matmul(x.astype(jnp.bfloat16), jnp.ones((4, 2), jnp.bfloat16))
+
+
+def test_large_dense_kernels_use_onednn_matmul():
+  # conv_lowering.matmul (dense layers, `patches`): oneDNN's sgemm from 2^18 kernel elements on,
+  # in float32; XLA's dot below that and in bfloat16.
+  def uses_onednn(x, w):
+    return "onednn_matmul" in jax.jit(conv_lowering.matmul).lower(x, w).as_text()
+
+  x = jnp.ones((1, 3, 512), jnp.float32)
+  assert conv_lowering._ONEDNN_MATMUL_MIN_KERNEL == 512 * 512
+  assert uses_onednn(x, jnp.ones((512, 512), jnp.float32))
+  assert not uses_onednn(x, jnp.ones((512, 511), jnp.float32))
+  assert not uses_onednn(x.astype(jnp.bfloat16), jnp.ones((512, 512), jnp.bfloat16))
+
+
+def test_patches_through_onednn_matmul_matches_native():
+  # A weight-bound convolution (`patches`) whose 27 * 64 x 160 kernel takes oneDNN's matmul.
+  x, w, kc = _inputs((1, 2, 3, 2, 64), 3, 160)
+  kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
+  assert conv_lowering.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "patches"
+
+  def value_and_grads(impl):
+    def loss(x, w):
+      y = conv_lowering.conv(x, w, impl=impl, **kw)
+      return jnp.sum(y * jax.random.normal(kc, y.shape))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return step, step(x, w)
+
+  step, (value, grads) = value_and_grads("patches")
+  assert "onednn_matmul" in step.lower(x, w).as_text()
+  _, (ref_value, ref_grads) = value_and_grads("native")
+  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value))
+  for got, ref in zip(grads, ref_grads):
+    assert _rel(got, ref) < 1e-5
+
+
 def test_hlo_flops_counts_every_pass():
   # Splat attributes (all dims equal) print as one value in the HLO text: x, y and the kernel here.
   x, w, _ = _inputs((3, 3, 3, 3, 3), 3, 3)
@@ -218,6 +283,11 @@ def test_hlo_flops_counts_every_pass():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   per_pass = 2.0 * 3**4 * 3**5  # output voxels (batch included) * kernel volume * Cin * Cout
   assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
+  # Matmuls: 2 * result elements * contraction for the forward and both gradients.
+  a, b = jnp.ones((2, 5, 24), jnp.float32), jnp.ones((24, 40), jnp.float32)
+  compiled = jax.jit(jax.grad(lambda a, b: jnp.sum(onednn.matmul(a, b) ** 2),
+                              argnums=(0, 1))).lower(a, b).compile()
+  assert onednn.hlo_flops(compiled.as_text()) == 3 * 2.0 * 10 * 24 * 40
 
 
 _SHARDED_PROGRAM = r"""
@@ -231,16 +301,20 @@ x, r = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6, 7, 5, 8), (4,
 w = (rng.standard_normal((3, 3, 3, 8, 16)) / 15).astype(np.float32)
 b = rng.standard_normal((16,)).astype(np.float32)
 
-def loss(x, r, w, b):
+m = (rng.standard_normal((16, 8)) / 4).astype(np.float32)
+
+def loss(x, r, w, b, m):
   y = conv_lowering.conv(onednn.materialize(x * 2.0), w, b, impl="onednn", strides=(1, 1, 1),
                          padding=((1, 1),) * 3)
-  return jnp.sum(y * r) + jnp.sum(onednn.probe(y))
+  z = onednn.matmul(y, m)
+  return jnp.sum(y * r) + jnp.sum(onednn.probe(y)) + jnp.sum(z * z)
 
-step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3)))
+step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))
 mesh = Mesh(np.array(jax.devices()), ("data",))
 batch, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-args = [jax.device_put(a, s) for a, s in zip((x, r, w, b), (batch, batch, whole, whole))]
-ref, got = step(x, r, w, b), step(*args)
+args = [jax.device_put(a, s)
+        for a, s in zip((x, r, w, b, m), (batch, batch, whole, whole, whole))]
+ref, got = step(x, r, w, b, m), step(*args)
 hlo = step.lower(*args).compile().as_text()
 calls = [l for l in hlo.splitlines() if "custom_call_target" in l]  # shapes: results, operands
 rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
@@ -252,9 +326,10 @@ print(json.dumps({"rel": [rel(got[0], ref[0])] + [rel(g, q) for g, q in zip(got[
 
 
 def test_batch_sharded_program_runs_each_devices_examples():
-  # Two CPU devices, batch split over them: every custom call (forward, both gradients, probe,
-  # materialize) runs on its device's 2 examples, nothing is gathered, and the kernel and bias
-  # gradients are summed across devices: the same numbers as on one device.
+  # Two CPU devices, batch split over them: every custom call (the convolution's and matmul's
+  # forward and both gradients, probe, materialize) runs on its device's 2 examples, nothing is
+  # gathered, and the kernel and bias gradients are summed across devices: the same numbers as
+  # on one device.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", _SHARDED_PROGRAM], env=env, capture_output=True,
                         text=True, timeout=300, check=False)
@@ -263,4 +338,4 @@ def test_batch_sharded_program_runs_each_devices_examples():
   assert result["devices"] == 2
   assert max(result["rel"]) < 1e-6, result
   assert not result["all_gather"]
-  assert result["whole_batch"] == 0 and result["own_examples"] == 5, result
+  assert result["whole_batch"] == 0 and result["own_examples"] == 8, result

@@ -28,7 +28,8 @@ sums in another order):
               gradients 2-3x slower).
   patches     every tap's input slice stacked in the kernel's own order: one matmul with the
               kernel as stored (no reorder, no copy), and two for the gradients. For tiny volumes
-              such as the paper UNet's 3x4x3 level, where 64 MB of weights meet 36 voxels.
+              such as the paper UNet's 3x4x3 level, where 64 MB of weights meet 36 voxels. The
+              matmuls are `matmul`'s: oneDNN's sgemm for such kernels.
   winograd    Winograd's F(2,3) (Lavin & Gray 2016) along depth and height, oneDNN's 1D
               convolutions along width: each 2x2 block of output rows from 16 width convolutions
               of transformed input rows instead of 36, 4/9 of the multiply-adds (along depth
@@ -97,6 +98,15 @@ _WINOGRAD_DH_MIN_PLANE = 192
 # Without oneDNN, at most this many input voxels use native_im2col (at 3x4x3, 768 channels, the
 # native forward is 2.7x faster than depth_sum's three 2D convs).
 _TINY_MAX_VOXELS = 128
+
+# Matmuls with kernels of at least this many elements (1 MiB) use oneDNN's sgemm. XLA's own
+# matmul took 1.5-3x its time at the paper-width UNet's few-row products (2-core Xeon, 20 kernels
+# in turn, beyond the L3; ms, XLA vs sgemm vs torch): 36 x 768 @ 768 x 6144 (GEGLU at 3x4x3): 8.2
+# vs 3.7 vs 2.9; 36 x 3072 @ 3072 x 768: 4.1 vs 1.4 vs 1.3; 288 x 512 @ 512 x 4096: 8.8 vs 5.8
+# vs 5.9; 288 x 2048 @ 2048 x 512: 5.0 vs 3.3 vs 2.9; `patches` at 3x4x3, 768: 14.0 vs 8.7 vs
+# 8.3. The 12x16x12 paper-width forward: 1.47-1.49 vs 1.58 s. Small kernels (the demo UNet's)
+# stay with XLA, which fuses what surrounds them.
+_ONEDNN_MATMUL_MIN_KERNEL = 1 << 18
 
 # Kernel-gradient chunks hold about this many input floats (rows * Cin): ~1 MiB, Zen 4's L2.
 _DW_CHUNK_FLOATS = 1 << 18
@@ -515,9 +525,18 @@ def _patches(x, kernel, strides, padding):
                      xp.shape[-1]),
                     (1, *strides, 1))
           for offset in np.ndindex(*k_sp)]
-  cols = jnp.stack(taps, axis=-2).reshape(-1, len(taps) * x.shape[-1])
-  y = cols @ kernel.reshape(-1, kernel.shape[-1])
+  cols = jnp.stack(taps, axis=-2).reshape(x.shape[0], -1, len(taps) * x.shape[-1])
+  y = matmul(cols, kernel.reshape(-1, kernel.shape[-1]))
   return y.reshape(x.shape[0], *out_sp, kernel.shape[-1])
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (B, ..., K) @ kernel (K, N), for dense layers and `patches`: oneDNN's sgemm for large
+  kernels on CPU in float32 (see _ONEDNN_MATMUL_MIN_KERNEL), jnp.dot elsewhere."""
+  if (platform(x) == "cpu" and x.dtype == kernel.dtype == jnp.float32 and x.ndim >= 2
+      and kernel.size >= _ONEDNN_MATMUL_MIN_KERNEL and onednn.available()):
+    return onednn.matmul(x, kernel)
+  return jnp.dot(x, kernel)
 
 
 # Winograd's F(2,3): input slices d0..d3 -> B^T d, the depth taps w0..w2 -> G w, and the 4 products

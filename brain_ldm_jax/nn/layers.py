@@ -116,7 +116,7 @@ class Linear(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cin = x.shape[-1]
     kernel = self.param("kernel", torch_default_kernel_init, (cin, self.features), jnp.float32)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = conv_lowering.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", _uniform_bias_init(cin), (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)

@@ -1,14 +1,18 @@
-"""oneDNN convolutions for XLA:CPU, as an XLA FFI custom call: the fast CPU path of `conv`.
+"""oneDNN convolutions and matmuls for XLA:CPU, as XLA FFI custom calls: the fast CPU path of
+`conv` and of large dense layers.
 
 XLA:CPU's convolutions, and every exact rewrite of a 3D convolution into XLA operations, reach
 20-50 % of this machine's GEMM peak at 16-64 channels, where PyTorch's oneDNN kernels reach about
 100 % (scripts/benchmark_conv.py). This module calls oneDNN's direct convolution itself, from
-inside the compiled XLA program, for the forward pass and both gradients.
+inside the compiled XLA program, for the forward pass and both gradients. XLA's own matmul also
+trails at the paper UNet's few-row products (36 or 288 rows against megabytes of weights), where
+oneDNN's sgemm runs at PyTorch's speed: `matmul`.
 
 How it is put together:
   * `onednn_conv.cc` (next to this file) holds the FFI handlers over oneDNN's C API: the
-    convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), and
-    two scheduling tools (`probe`, `materialize`). It is compiled on first use with the system
+    convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), the
+    matmul (sgemm, any of its operands transposed), and two scheduling tools (`probe`,
+    `materialize`). It is compiled on first use with the system
     C++ compiler against the installed jaxlib's FFI headers, into a per-user cache
     (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax, or the temp directory when that is
     read-only), keyed by the source and the jaxlib version; later processes load the cached
@@ -49,6 +53,7 @@ import numpy as np
 
 _TARGET = "brain_ldm_jax_onednn_conv"
 _PREPARE_TARGET = "brain_ldm_jax_onednn_prepare_kernel"
+_MATMUL_TARGET = "brain_ldm_jax_onednn_matmul"
 _PROBE_TARGET = "brain_ldm_jax_probe"
 _MATERIALIZE_TARGET = "brain_ldm_jax_materialize"
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -96,6 +101,50 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                bool(prepare_kernel))
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (B, ..., K) @ kernel (K, N) -> (B, ..., N), float32, through oneDNN's sgemm (forward and
+  both gradients): a dense layer. Per example under batch sharding, like `conv`."""
+  reason = _setup()
+  if reason is not None:
+    raise OnednnUnavailableError(f"onednn.matmul is unavailable: {reason}")
+  if {x.dtype, kernel.dtype} != {jnp.dtype(jnp.float32)}:
+    raise TypeError(f"onednn.matmul takes float32 inputs, got {x.dtype} and {kernel.dtype}")
+  if x.ndim < 2 or kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"onednn.matmul takes x (B, ..., K) and kernel (K, N), got {x.shape} and "
+                     f"{kernel.shape}")
+  return _matmul(x, kernel)
+
+
+@jax.custom_vjp
+def _matmul(x, kernel):
+  return _matmul_call(False, False, x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return _matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, ct):
+  x, kernel = res
+  dx = _matmul_call(False, True, ct, kernel)
+  dk = _matmul_kernel_grad_call(True, False, x, ct)
+  return dx, dk
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _gemm(trans_a, trans_b, a, b):
+  """op(a) @ op(b) (see the handler): a (rows..., cols), transposed: (cols, b's columns)."""
+  n = b.shape[0] if trans_b else b.shape[-1]
+  out_shape = (a.shape[-1], n) if trans_a else (*a.shape[:-1], n)
+  contraction = int(np.prod(a.shape[:-1])) if trans_a else a.shape[-1]
+  return jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method="sequential")(
+                              a, b, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b),
+                              contraction=np.int64(contraction))
+
+
 def probe(x: jax.Array) -> jax.Array:
   """x's first element per example, (B,) float32, read by a custom call from x in memory.
 
@@ -130,14 +179,18 @@ def _materialize_jvp(primals, tangents):
 
 
 def hlo_flops(hlo_text: str) -> float:
-  """FLOPs of this module's convolutions in a compiled HLO module's text.
+  """FLOPs of this module's convolutions and matmuls in a compiled HLO module's text.
 
-  XLA's cost analysis counts a custom call as zero FLOPs; add this to it. Each pass (forward,
-  input gradient, kernel gradient) is 2 * output voxels * kernel volume * Cin * Cout; a call
-  inside a loop body is counted once.
+  XLA's cost analysis counts a custom call as zero FLOPs; add this to it. Each convolution pass
+  (forward, input gradient, kernel gradient) is 2 * output voxels * kernel volume * Cin * Cout,
+  each matmul 2 * result elements * contraction; a call inside a loop body is counted once.
   """
   total = 0.0
   for line in hlo_text.splitlines():
+    if f'custom_call_target="{_MATMUL_TARGET}"' in line:
+      result = re.search(r"= f32\[([\d,]*)\]", line).group(1)
+      contraction = int(re.search(r"contraction = (\d+) : i64", line).group(1))
+      total += 2.0 * np.prod([int(d) for d in result.split(",") if d]) * contraction
     if f'custom_call_target="{_TARGET}"' not in line:
       continue
     attrs = {name: _dense_ints(values, int(n))
@@ -370,6 +423,8 @@ def _per_example(fn, n_static: int, batched_args: tuple[bool, ...],
 _conv_call = _per_example(_conv_pass, 2, (True, False, False), (True,))
 _input_grad_call = _per_example(_conv_pass, 2, (True, False), (True,))
 _kernel_grad_call = _per_example(_conv_pass, 2, (True, True), (False, False))
+_matmul_call = _per_example(_gemm, 2, (True, False), True)
+_matmul_kernel_grad_call = _per_example(_gemm, 2, (True, True), False)
 _probe_call = _per_example(_probe, 0, (True,), True)
 _materialize_call = _per_example(_materialize, 0, (True,), True)
 
@@ -397,6 +452,8 @@ def _setup() -> str | None:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_PREPARE_TARGET,
                                 jax.ffi.pycapsule(handler.BldmOnednnPrepareKernel),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_MATMUL_TARGET, jax.ffi.pycapsule(handler.BldmOnednnMatmul),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_PROBE_TARGET, jax.ffi.pycapsule(handler.BldmProbe),
                                 platform="cpu")

@@ -1,4 +1,4 @@
-// oneDNN convolutions as an XLA FFI custom call, for XLA:CPU.
+// oneDNN convolutions (and matmuls, at the end) as XLA FFI custom calls, for XLA:CPU.
 //
 // XLA:CPU's own 3D convolution (and the 2D convolutions our exact rewrites use) reaches 20-50 % of
 // the GEMM peak at 16-64 channels; oneDNN's direct convolution kernels reach 90-120 % (see
@@ -106,6 +106,8 @@ struct Dnnl {
   dnnl_status_t (*primitive_create)(dnnl_primitive_t*, const_dnnl_primitive_desc_t);
   dnnl_status_t (*primitive_execute)(const_dnnl_primitive_t, dnnl_stream_t, int,
                                      const dnnl_exec_arg_t*);
+  dnnl_status_t (*sgemm)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                         const float*, int64_t, float, float*, int64_t);
   dnnl_engine_t engine = nullptr;
 };
 
@@ -639,6 +641,61 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnPrepareKernel, PrepareKernel,
                                                     .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                                     .Attr<int64_t>("blocked")));
 
+// ---- Matrix products: oneDNN's sgemm. ----
+//
+// c = op(a) @ op(b), row-major, where an operand of rank > 2 is the matrix of its leading dims
+// (rows) by its last (columns), and op transposes it when `trans_a` / `trans_b` is set. A dense
+// layer's forward pass is a @ b, its input gradient dy @ b^T, its kernel gradient a^T @ dy.
+// `contraction` (the length summed over) is checked here and read by onednn.hlo_flops.
+
+namespace {
+
+xla::ffi::Error Matmul(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::ffi::F32> b,
+                       xla::ffi::ResultBuffer<xla::ffi::F32> c, int64_t trans_a,
+                       int64_t trans_b, int64_t contraction) {
+  auto matrix = [](const auto& x, int64_t* rows, int64_t* cols) {
+    auto dims = x.dimensions();
+    *cols = dims.size() ? dims[dims.size() - 1] : 1;
+    *rows = *cols ? static_cast<int64_t>(x.element_count()) / *cols : 0;
+  };
+  int64_t a_rows, a_cols, b_rows, b_cols;
+  matrix(a, &a_rows, &a_cols);
+  matrix(b, &b_rows, &b_cols);
+  const int64_t m = trans_a ? a_cols : a_rows, k = trans_a ? a_rows : a_cols;
+  const int64_t n = trans_b ? b_rows : b_cols, kb = trans_b ? b_cols : b_rows;
+  if (k != kb || k != contraction || static_cast<int64_t>(c->element_count()) != m * n) {
+    return xla::ffi::Error::InvalidArgument(
+        "oneDNN matmul: operands (" + std::to_string(m) + " x " + std::to_string(k) + ") @ (" +
+        std::to_string(kb) + " x " + std::to_string(n) + ") and a result of " +
+        std::to_string(c->element_count()) + " elements (contraction " +
+        std::to_string(contraction) + ") do not agree");
+  }
+  if (m == 0 || n == 0) return xla::ffi::Error::Success();
+  if (k == 0) {
+    std::memset(c->untyped_data(), 0, c->size_bytes());
+    return xla::ffi::Error::Success();
+  }
+  dnnl_status_t s = g_dnnl->sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f,
+                                  a.typed_data(), a_cols, b.typed_data(), b_cols, 0.0f,
+                                  c->typed_data(), n);
+  if (s != 0) return xla::ffi::Error::Internal(Status("sgemm", s));
+  return xla::ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnMatmul(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnMatmul, Matmul,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("trans_a")
+                                  .Attr<int64_t>("trans_b")
+                                  .Attr<int64_t>("contraction"));
+
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
 // Probe: the first element of each example of x, as float32 (B,). An ordering tool for
@@ -736,6 +793,7 @@ extern "C" __attribute__((visibility("default"))) const char* BldmOnednnLoad(con
   Resolve(lib, "dnnl_primitive_desc_query_md", &d->primitive_desc_query_md, &missing);
   Resolve(lib, "dnnl_primitive_create", &d->primitive_create, &missing);
   Resolve(lib, "dnnl_primitive_execute", &d->primitive_execute, &missing);
+  Resolve(lib, "dnnl_sgemm", &d->sgemm, &missing);
   if (!missing.empty()) {
     error = std::string(path) + " lacks oneDNN v3 functions:" + missing;
     delete d;
