@@ -11,16 +11,17 @@ oneDNN's sgemm runs at PyTorch's speed: `matmul`.
 How it is put together:
   * `onednn_conv.cc` (next to this file) holds the FFI handlers over oneDNN's C API: the
     convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), the
-    matmul (sgemm, any of its operands transposed), and two scheduling tools (`probe`,
-    `materialize`). It is compiled on first use with the system
-    C++ compiler against the installed jaxlib's FFI headers, into a per-user cache
-    (`$BRAIN_LDM_CACHE`, default ~/.cache/brain_ldm_jax, or the temp directory when that is
-    read-only), keyed by the source and the jaxlib version; later processes load the cached
-    library. Building takes a few seconds.
+    matmul (sgemm, either operand transposed), and two scheduling tools (`probe`,
+    `materialize`). It is compiled on first use with the system C++ compiler against the
+    installed jaxlib's FFI headers, into a per-user cache (`$BRAIN_LDM_CACHE`, default
+    ~/.cache/brain_ldm_jax, or the temp directory when that is read-only), keyed by the source
+    and the jaxlib version; later processes load the cached library. Building takes a few
+    seconds.
   * oneDNN itself comes from the `onednn-cpu-gomp` wheel (a dependency on Linux x86-64), or from
     the library `$BRAIN_LDM_ONEDNN_LIB` names. It is opened with dlopen; nothing is linked.
   * `available()` says whether all of that worked; `unavailable_reason()` says why not. `conv`'s
-    `impl="auto"` uses this path only when it is available, on CPU, in float32.
+    `impl="auto"` and `conv_lowering.matmul` use this path only when it is available, on CPU,
+    in float32.
 
 oneDNN runs on its own OpenMP threads (`OMP_NUM_THREADS`, default all cores), beside XLA's pool;
 scripts/benchmark.py sets both to the same count.
