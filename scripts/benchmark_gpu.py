@@ -10,8 +10,10 @@ the paper preset instead of the demo one. Cases (`--cases`, comma-separated; def
   ae_step   paper autoencoder + discriminator adversarial step, 160×224×160, batch 1,
             autoencoder.remat (ours) / use_checkpoint (MONAI), float32; and each side's peak device
             memory over the step (JAX's allocator statistics; torch.cuda.max_memory_allocated).
-            Both steps in one process need more than an 80 GB H100 holds with JAX's allocator
-            growing on demand (benchmarks/benchmark_gpu.md); it ran on a 141 GB H200.
+            With JAX's allocator growing on demand, both steps in one process need more than an
+            80 GB H100 holds; there, give JAX one block from the start:
+            XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=.45 (ran on an
+            H100, benchmarks/benchmark_gpu.md).
   memory    the same step with the bfloat16 compute dtype, compiled for this GPU: XLA's memory
             analysis. (The allocator's peak is cumulative, so only the first case can read it.)
   unet      paper UNet forward at the paper latent 20×28×20, batch 1, float32 and bfloat16 (MONAI

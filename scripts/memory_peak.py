@@ -1,12 +1,13 @@
-r"""What is alive at the memory peak of the paper autoencoder train step, as XLA:CPU compiles it.
+r"""What is alive at the memory peak of the paper autoencoder train step, as XLA compiles it.
 
     python scripts/memory_peak.py                          # 160×224×160, batch 1, remat
     python scripts/memory_peak.py --shape 80,112,80        # the same peak at 1/8 the size
     python scripts/memory_peak.py --conv_impl native --dtype bfloat16 --top 20
 
 Compiles (does not run) the adversarial step of `train/autoencoder.py` with the paper preset,
-dumps the optimised HLO, and replays its schedule: every buffer lives from the instruction that
-defines it to its last use (bitcasts and tuple elements alias their operand). It prints XLA's own
+dumps the optimised HLO for the default backend (CPU or GPU), and replays its schedule: every
+buffer lives from the instruction that defines it to its last use (bitcasts and tuple elements
+alias their operand; a cuDNN call's scratch space lives only during the call). It prints XLA's own
 temp size, this estimate of the peak (an estimate: XLA writes some outputs in place of their
 inputs, and its heap packing fragments: at the paper size 10.0 vs 11.3 GiB), the instruction at
 the peak with the network op that made it, and the largest buffers alive there, with their live
@@ -51,7 +52,10 @@ def entry_instructions(hlo_text: str) -> list[dict]:
     name, shape, op, rest = m.groups()
     operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
     op_name = re.search(r'op_name="([^"]*)"', line)
-    out.append(dict(name=name, shape=shape, op=op, operands=operands, bytes=shape_bytes(shape),
+    size = shape_bytes(shape)
+    if op == "custom-call" and 'custom_call_target="__cudnn' in line:
+      size -= sum(shape_bytes(u8) for u8 in re.findall(r"\bu8\[\d+\]", shape))  # scratch space
+    out.append(dict(name=name, shape=shape, op=op, operands=operands, bytes=size,
                     op_name=op_name.group(1) if op_name else ""))
   return out
 

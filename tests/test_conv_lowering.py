@@ -205,3 +205,26 @@ def test_upsample2_conv_matches_upsample_then_native(monkeypatch, impl):
     assert _rel(g, r) < 1e-5, (name, _rel(g, r))
   hlo = jax.jit(lambda x, w: conv_lowering.upsample2_conv(x, w, padding=pad)).lower(x, w).as_text()
   assert "6x8x10x6" not in hlo, "the upsampled input was built"
+
+
+def test_upsample2_conv_off_the_subpixel_path_keeps_only_the_small_input(monkeypatch):
+  # Where the upsampled input is built (GPU/TPU, small inputs), the backward pass builds it again
+  # rather than keeping it: the gradients' residuals are x and the kernel. impl="native" is plain
+  # autodiff, which keeps it.
+  monkeypatch.setattr(conv_lowering, "_SUBPIXEL_MIN_VOXELS", 10**9)
+  x, w = _inputs((3, 4, 5), 3, cin=6, cout=5)
+  ct = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 8, 10, 5))
+  pad = ((1, 1),) * 3
+
+  def upsample_conv(impl):
+    return lambda x, w: conv_lowering.upsample2_conv(x, w, padding=pad, impl=impl)
+
+  def residual_shapes(f):
+    return {leaf.shape for leaf in jax.tree_util.tree_leaves(jax.vjp(f, x, w)[1])}
+
+  got, ref = (jax.vjp(upsample_conv(impl), x, w) for impl in ("auto", "native"))
+  assert _rel(got[0], ref[0]) < 1e-6
+  for g, r in zip(got[1](ct), ref[1](ct)):
+    assert _rel(g, r) < 1e-6
+  assert (2, 6, 8, 10, 6) in residual_shapes(upsample_conv("native"))
+  assert residual_shapes(upsample_conv("auto")) == {x.shape, w.shape}
