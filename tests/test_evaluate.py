@@ -4,19 +4,15 @@ import json
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from brain_ldm_jax import api
 from brain_ldm_jax import evaluate
+from brain_ldm_jax import generate
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
-from brain_ldm_jax.nn import autoencoder as autoencoder_lib
-from brain_ldm_jax.nn import unet as unet_lib
-from brain_ldm_jax.train import ldm as ldm_stage
 from configs import evaluate as evaluate_config
 from configs import ldm as ldm_config
 
@@ -32,16 +28,8 @@ def report(tmp_path_factory):
   subjects = manifest.load_cohort(config.data)
   train, _ = manifest.split_subjects(subjects, config.data.val_fraction, config.data.split_seed)
   stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
-  ae = autoencoder_lib.build_autoencoder(config.autoencoder)
-  unet = unet_lib.build_unet(config.unet)
-  key = jax.random.key(0)
-  image = jnp.zeros((1,) + tuple(config.data.shape) + (1,))
-  ae_params = ae.init(key, image, key)["params"]
-  z = jnp.zeros((1,) + ldm_stage.latent_shape(config))
-  x, context = unet_lib.hybrid_conditioning(z, jnp.zeros((1, len(config.data.covariates))))
-  unet_params = unet.init(key, x, jnp.zeros((1,), jnp.int32), context=context)["params"]
   run_dir = str(root / "run")
-  api.save_run(run_dir, config, {"autoencoder": ae_params, "unet": unet_params}, stats, 1.0,
+  api.save_run(run_dir, config, generate.random_params(config), stats, 1.0,
                nifti.mni_affine(tuple(config.data.shape), config.data.spacing))
   e = evaluate_config.get_config("test")
   e.evaluate.run_dir = run_dir

@@ -1,13 +1,13 @@
 """Memorisation audit: known answers (an exact copy is flagged, independent noise is not)."""
 
-import jax
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from brain_ldm_jax import generate
+from brain_ldm_jax import nn
 from brain_ldm_jax import presets
 from brain_ldm_jax.metrics import memorisation as M
-from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 
 SHAPE = (32, 32, 32)
 
@@ -28,10 +28,9 @@ def _subjects(n, seed):
 
 @pytest.fixture(scope="module")
 def features():
-  cfg = presets.base_config("test").autoencoder
-  ae = autoencoder_lib.build_autoencoder(cfg)
-  params = ae.init(jax.random.key(0), np.zeros((1,) + SHAPE + (1,), np.float32),
-                   jax.random.key(1))["params"]
+  config = presets.base_config("test")
+  ae = nn.build_autoencoder(config.autoencoder)
+  params = generate.random_params(config)["autoencoder"]
   train, val = _subjects(6, 0), _subjects(4, 1)
   noise = np.random.default_rng(2).random((2,) + SHAPE).astype(np.float32)
   generated = np.concatenate([train[3:4], noise])

@@ -61,10 +61,30 @@ def _command(workdir, cohort, extra=()):
 
 
 def _train(workdir, cohort, devices=1, extra=()):
-  result = subprocess.run(_command(workdir, cohort, extra), cwd=REPO, env=_env(devices),
-                          capture_output=True, text=True, timeout=TIMEOUT)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
+  _wait_all([_start(workdir, cohort, devices, extra)])
+
+
+def _start(workdir, cohort, devices, extra=(), prefix=(), log_path=None):
+  """A training run in the background, its stderr in a file beside the workdir."""
+  log = open(log_path or workdir.rstrip("/") + ".stderr", "w+")
+  proc = subprocess.Popen([*prefix, *_command(workdir, cohort, extra)], cwd=REPO,
+                          env=_env(devices), stdout=subprocess.DEVNULL, stderr=log)
+  return proc, log
+
+
+def _wait_all(started):
+  """Waits for runs that `_start` started, side by side: each spends most of its time compiling,
+  on one core, so two of them take little longer than one."""
+  try:
+    for proc, log in started:
+      proc.wait(timeout=TIMEOUT)
+      log.seek(0)
+      assert proc.returncode == 0, log.read()[-4000:]
+  finally:
+    for proc, log in started:
+      proc.kill()  # the others, once one has failed
+      proc.wait()
+      log.close()
 
 
 def _params(workdir, stage, step=None):
@@ -91,17 +111,49 @@ def _assert_trees(a, b, exact: bool):
 
 
 @pytest.fixture(scope="module")
-def one_device_run(cohort, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("one_device"))
-  _train(workdir, cohort, devices=1)
-  return workdir
+def device_runs(cohort, tmp_path_factory):
+  """Workdirs of the same training on one and on four devices, by device count."""
+  root = tmp_path_factory.mktemp("device_runs")
+  workdirs = {n: str(root / f"{n}_devices") for n in (1, 4)}
+  _wait_all([_start(workdirs[n], cohort, n) for n in workdirs])
+  return workdirs
 
 
 @pytest.fixture(scope="module")
-def four_device_run(cohort, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("four_devices"))
-  _train(workdir, cohort, devices=4)
-  return workdir
+def one_device_run(device_runs):
+  return device_runs[1]
+
+
+@pytest.fixture(scope="module")
+def four_device_run(device_runs):
+  return device_runs[4]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(cohort, four_device_run, tmp_path_factory):
+  """The four-device training again, side by side: with the UNet sharded over two of the devices
+  (fsdp), and as two processes of two devices each."""
+  root = tmp_path_factory.mktemp("layout_runs")
+  fsdp, two_processes = str(root / "fsdp"), str(root / "two_processes")
+  # The finished autoencoder is reused (the stage is skipped): the UNet is what fsdp is for.
+  shutil.copytree(os.path.join(four_device_run, "autoencoder"), os.path.join(fsdp, "autoencoder"))
+  shutil.copy(os.path.join(four_device_run, "run.json"), fsdp)
+  started = [_start(fsdp, cohort, 4, ("--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64"))]
+  port = _free_port()
+  for i in range(2):
+    started.append(_start(
+        two_processes, cohort, 2,
+        (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+        # A process after jax.distributed.initialize ignores SIGTERM: kill with SIGKILL.
+        prefix=("timeout", "-s", "KILL", str(TIMEOUT)), log_path=f"{two_processes}.{i}.stderr"))
+  _wait_all(started)
+  return {"fsdp": fsdp, "two_processes": two_processes}
 
 
 def test_four_devices_equal_one_device(one_device_run, four_device_run):
@@ -114,37 +166,14 @@ def test_four_devices_equal_one_device(one_device_run, four_device_run):
                          ldm["ema_params"]["conv_in"]["kernel"]), "EMA should lag the params"
 
 
-def test_fsdp_sharded_equals_replicated(cohort, four_device_run, tmp_path):
-  workdir = str(tmp_path / "fsdp")
-  # The finished autoencoder is reused (the stage is skipped): the UNet is what fsdp is for.
-  shutil.copytree(os.path.join(four_device_run, "autoencoder"), os.path.join(workdir, "autoencoder"))
-  shutil.copy(os.path.join(four_device_run, "run.json"), workdir)
-  _train(workdir, cohort, devices=4, extra=("--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64"))
-  _assert_trees(_params(workdir, "ldm"), _params(four_device_run, "ldm"), exact=False)
+def test_fsdp_sharded_equals_replicated(four_device_run, layout_runs):
+  _assert_trees(_params(layout_runs["fsdp"], "ldm"), _params(four_device_run, "ldm"), exact=False)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_equal_one_process(cohort, four_device_run, tmp_path):
-  workdir = str(tmp_path / "two_processes")
-  port = _free_port()
-  procs = [
-      subprocess.Popen(
-          # A process after jax.distributed.initialize ignores SIGTERM: kill with SIGKILL.
-          ["timeout", "-s", "KILL", str(TIMEOUT)]
-          + _command(workdir, cohort, (f"--coordinator_address=127.0.0.1:{port}",
-                                       "--num_processes=2", f"--process_id={i}")),
-          cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outputs = [p.communicate() for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-4000:]
+def test_two_processes_equal_one_process(four_device_run, layout_runs):
   for stage in ("autoencoder", "ldm"):
-    _assert_trees(_params(workdir, stage), _params(four_device_run, stage), exact=False)
+    _assert_trees(_params(layout_runs["two_processes"], stage), _params(four_device_run, stage),
+                  exact=False)
 
 
 def _wait_for_checkpoint(workdir, stage, proc, at_least=1):
