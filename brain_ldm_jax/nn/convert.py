@@ -167,12 +167,18 @@ def example_inputs(module: nn.Module) -> tuple[tuple, dict]:
   raise TypeError(f"no example inputs for {type(module).__name__}")
 
 
+# Initialisation runs once and is mostly threefry draws, one per parameter: compiled without LLVM
+# optimisation it compiles 2x faster (the test UNet on CPU: 26 s -> 12 s). The draws are the same;
+# their scaling to the init range may round differently in the last bit (no FMA contraction).
+ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def init_variables(module: nn.Module, key: jax.Array) -> dict:
   """Freshly initialised variables ({"params": ...[, "batch_stats": ...]}) of one of our networks."""
   args, kwargs = example_inputs(module)
   # Jitted: one compilation instead of hundreds of eagerly dispatched initialiser ops.
   init = jax.jit(lambda k: module.init({"params": k}, *args, **kwargs))
-  return flax.core.unfreeze(init(key))
+  return flax.core.unfreeze(init.lower(key).compile(compiler_options=ONCE_COMPILER_OPTIONS)(key))
 
 
 def abstract_variables(module: nn.Module) -> dict:
