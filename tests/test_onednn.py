@@ -254,25 +254,46 @@ def test_large_dense_kernels_use_onednn_matmul():
   assert not uses_onednn(x.astype(jnp.bfloat16), jnp.ones((512, 512), jnp.bfloat16))
 
 
-def test_patches_through_onednn_matmul_matches_native():
-  # A weight-bound convolution (`patches`) whose 27 * 64 x 160 kernel takes oneDNN's matmul.
+@pytest.mark.parametrize("handler", [True, False])
+def test_patches_matches_native(handler, monkeypatch):
+  # A weight-bound convolution (`patches`, here 27 * 64 x 160 kernel elements against 12 voxels):
+  # through its own handler (the taps gathered in the call, sgemm), or, without the handler, the
+  # slices in XLA and oneDNN's matmul. Values and the three gradients, bias included.
+  if not handler:
+    monkeypatch.setattr(conv_lowering, "_onednn_usable", lambda x, kernel: False)
   x, w, kc = _inputs((1, 2, 3, 2, 64), 3, 160)
+  bias = jax.random.normal(jax.random.PRNGKey(9), (160,), jnp.float32)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
   assert conv_lowering.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "patches"
 
   def value_and_grads(impl):
-    def loss(x, w):
-      y = conv_lowering.conv(x, w, impl=impl, **kw)
+    def loss(x, w, b):
+      y = conv_lowering.conv(x, w, b, impl=impl, **kw)
       return jnp.sum(y * jax.random.normal(kc, y.shape))
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    return step, step(x, w)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return step, step(x, w, bias)
 
   step, (value, grads) = value_and_grads("patches")
-  assert "onednn_matmul" in step.lower(x, w).as_text()
+  hlo = step.lower(x, w, bias).as_text()
+  assert ("patches_conv" in hlo) == handler
+  assert ("onednn_matmul" in hlo) == (not handler)
   _, (ref_value, ref_grads) = value_and_grads("native")
   assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value))
   for got, ref in zip(grads, ref_grads):
     assert _rel(got, ref) < 1e-5
+
+
+def test_patches_handler_refuses_mismatched_operands():
+  # The handler indexes its buffers by the shape attributes: buffers of other sizes are an error,
+  # not a read past their end.
+  x, w, _ = _inputs((1, 2, 3, 2, 4), 3, 5)
+  geometry = onednn._geometry(x.shape, w.shape, (1, 2, 3, 2, 5), (1, 1, 1), ((1, 1),) * 3)
+  bias = jnp.zeros((5,), jnp.float32)
+  call = lambda x: onednn._conv_pass(onednn._PATCHES_TARGET, onednn._FORWARD, geometry, x, w,
+                                     bias)
+  assert jax.jit(call)(x)[0].shape == (1, 2, 3, 2, 5)
+  with pytest.raises(Exception, match="operand sizes do not match"):
+    jax.block_until_ready(jax.jit(lambda x: call(x[:, :1]))(x))
 
 
 def test_hlo_flops_counts_every_pass():
@@ -282,6 +303,10 @@ def test_hlo_flops_counts_every_pass():
   loss = lambda x, w: jnp.sum(conv_lowering.conv(x, w, impl="onednn", **kw) ** 2)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   per_pass = 2.0 * 3**4 * 3**5  # output voxels (batch included) * kernel volume * Cin * Cout
+  assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
+  loss = lambda x, w: jnp.sum(conv_lowering.conv(x, w, impl="patches", **kw) ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+  assert "patches_conv" in compiled.as_text()
   assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
   # Matmuls: 2 * result elements * contraction for the forward and both gradients.
   a, b = jnp.ones((2, 5, 24), jnp.float32), jnp.ones((24, 40), jnp.float32)
@@ -307,7 +332,8 @@ def loss(x, r, w, b, m):
   y = conv_lowering.conv(onednn.materialize(x * 2.0), w, b, impl="onednn", strides=(1, 1, 1),
                          padding=((1, 1),) * 3)
   z = onednn.matmul(y, m)
-  return jnp.sum(y * r) + jnp.sum(onednn.probe(y)) + jnp.sum(z * z)
+  p = conv_lowering.conv(x, w, b, impl="patches", strides=(1, 1, 1), padding=((1, 1),) * 3)
+  return jnp.sum(y * r) + jnp.sum(onednn.probe(y)) + jnp.sum(z * z) + jnp.sum(p * r)
 
 step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))
 mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -326,10 +352,10 @@ print(json.dumps({"rel": [rel(got[0], ref[0])] + [rel(g, q) for g, q in zip(got[
 
 
 def test_batch_sharded_program_runs_each_devices_examples():
-  # Two CPU devices, batch split over them: every custom call (the convolution's and matmul's
-  # forward and both gradients, probe, materialize) runs on its device's 2 examples, nothing is
-  # gathered, and the kernel and bias gradients are summed across devices: the same numbers as
-  # on one device.
+  # Two CPU devices, batch split over them: every custom call (the convolution's, `patches`' and
+  # matmul's forward and both gradients, probe, materialize) runs on its device's 2 examples,
+  # nothing is gathered, and the kernel and bias gradients are summed across devices: the same
+  # numbers as on one device.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", _SHARDED_PROGRAM], env=env, capture_output=True,
                         text=True, timeout=300, check=False)
@@ -338,4 +364,4 @@ def test_batch_sharded_program_runs_each_devices_examples():
   assert result["devices"] == 2
   assert max(result["rel"]) < 1e-6, result
   assert not result["all_gather"]
-  assert result["whole_batch"] == 0 and result["own_examples"] == 8, result
+  assert result["whole_batch"] == 0 and result["own_examples"] == 11, result

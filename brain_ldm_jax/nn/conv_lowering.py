@@ -28,8 +28,9 @@ sums in another order):
               gradients 2-3x slower).
   patches     every tap's input slice stacked in the kernel's own order: one matmul with the
               kernel as stored (no reorder, no copy), and two for the gradients. For tiny volumes
-              such as the paper UNet's 3x4x3 level, where 64 MB of weights meet 36 voxels. The
-              matmuls are `matmul`'s: oneDNN's sgemm for such kernels.
+              such as the paper UNet's 3x4x3 level, where 64 MB of weights meet 36 voxels. With
+              oneDNN, `onednn.patches`: the slices gathered and sgemm called in one custom call
+              per pass; else the slices in XLA and `matmul`.
   winograd    Winograd's F(2,3) (Lavin & Gray 2016) along depth and height, oneDNN's 1D
               convolutions along width: each 2x2 block of output rows from 16 width convolutions
               of transformed input rows instead of 36, 4/9 of the multiply-adds (along depth
@@ -124,14 +125,14 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if impl == "auto":
-    backend = platform(x)
-    use_onednn = (backend == "cpu" and x.dtype == kernel.dtype == jnp.float32
-                  and onednn.available())
-    impl = choose_impl(x.shape, kernel.shape, strides, backend, onednn=use_onednn)
+    impl = choose_impl(x.shape, kernel.shape, strides, platform(x),
+                       onednn=_onednn_usable(x, kernel))
   if impl == "native" or x.ndim != 5:
     y = _native(x, kernel, strides, padding)
   elif impl == "onednn":
     return _onednn(x, kernel, strides, padding, bias)
+  elif impl == "patches" and _onednn_usable(x, kernel):
+    return onednn.patches(x, kernel, strides, padding, bias)
   elif impl == "winograd":
     if bias is None:
       bias = jnp.zeros(kernel.shape[-1:], x.dtype)
@@ -139,6 +140,12 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   else:
     y = _LOWERINGS[impl](x, kernel, strides, padding)
   return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _onednn_usable(x, kernel) -> bool:
+  """Whether this convolution may call the oneDNN handlers (CPU, float32, library there)."""
+  return (platform(x) == "cpu" and x.dtype == kernel.dtype == jnp.float32
+          and onednn.available())
 
 
 _INVARIANT_KERNELS = contextvars.ContextVar("invariant_kernels", default=False)
@@ -576,7 +583,8 @@ _native_im2col.defvjp(_native_im2col_fwd, _native_im2col_bwd)
 def _patches(x, kernel, strides, padding):
   """Every tap's (strided) input slice stacked in the kernel's own (kd, kh, kw, Cin) order: one
   matmul with the kernel as it is stored, no copy of it. For tiny volumes, where the kernel (64 MB
-  at 768 channels) is the cost: its autodiff is two more plain matmuls."""
+  at 768 channels) is the cost: its autodiff is two more plain matmuls. With oneDNN, `conv` calls
+  `onednn.patches` instead, which gathers the slices inside the call."""
   k_sp = kernel.shape[:-2]
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out_sp = [(n - k) // s + 1 for n, k, s in zip(xp.shape[1:-1], k_sp, strides)]

@@ -11,8 +11,8 @@ oneDNN's sgemm runs at PyTorch's speed: `matmul`.
 How it is put together:
   * `onednn_conv.cc` (next to this file) holds the FFI handlers over oneDNN's C API: the
     convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), the
-    matmul (sgemm, either operand transposed), and two scheduling tools (`probe`,
-    `materialize`). It is compiled on first use with the system C++ compiler against the
+    three passes of a weight-bound convolution as sgemm products (`patches`), the matmul
+    (sgemm, either operand transposed), and two scheduling tools (`probe`, `materialize`). It is compiled on first use with the system C++ compiler against the
     installed jaxlib's FFI headers, into a per-user cache (`$BRAIN_LDM_CACHE`, default
     ~/.cache/brain_ldm_jax, or the temp directory when that is read-only), keyed by the source
     and the jaxlib version; later processes load the cached library. Building takes a few
@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 _TARGET = "brain_ldm_jax_onednn_conv"
+_PATCHES_TARGET = "brain_ldm_jax_patches_conv"
 _PREPARE_TARGET = "brain_ldm_jax_onednn_prepare_kernel"
 _MATMUL_TARGET = "brain_ldm_jax_onednn_matmul"
 _PROBE_TARGET = "brain_ldm_jax_probe"
@@ -88,18 +89,34 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   `prepare_kernel` that reorder is a custom call of its own on the kernel alone, which XLA hoists
   out of a loop over fixed parameters (`conv_lowering.invariant_kernels`). Same values.
   """
+  bias = _checked("conv impl 'onednn'", x, kernel, bias)
+  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding),
+               "prepared" if prepare_kernel else "direct")
+
+
+def patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+            padding: Sequence[tuple[int, int]], bias: jax.Array | None = None) -> jax.Array:
+  """`conv`, computed as one sgemm of each output voxel's input taps (gathered inside the call)
+  with the kernel as it is stored: for convolutions whose kernel outweighs their input
+  (conv_lowering's `patches`), where oneDNN's own convolution would reorder the kernel in every
+  pass. Each gradient is one more sgemm."""
+  bias = _checked("conv impl 'patches'", x, kernel, bias)
+  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding), "patches")
+
+
+def _checked(what, x, kernel, bias):
+  """The bias (zeros for None), once the library is there and the inputs fit the handlers."""
   reason = _setup()
   if reason is not None:
-    raise OnednnUnavailableError(f"conv impl 'onednn' is unavailable: {reason}")
+    raise OnednnUnavailableError(f"{what} is unavailable: {reason}")
   if bias is None:
     bias = jnp.zeros(kernel.shape[-1:], jnp.float32)
   if {x.dtype, kernel.dtype, bias.dtype} != {jnp.dtype(jnp.float32)}:
-    raise TypeError(f"conv impl 'onednn' takes float32 inputs, got {x.dtype}, {kernel.dtype} "
-                    f"and bias {bias.dtype}")
+    raise TypeError(f"{what} takes float32 inputs, got {x.dtype}, {kernel.dtype} and bias "
+                    f"{bias.dtype}")
   if not 1 <= x.ndim - 2 <= 3:
-    raise ValueError(f"conv impl 'onednn' takes 1-3 spatial dims, got input shape {x.shape}")
-  return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding),
-               bool(prepare_kernel))
+    raise ValueError(f"{what} takes 1-3 spatial dims, got input shape {x.shape}")
+  return bias
 
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -192,7 +209,7 @@ def hlo_flops(hlo_text: str) -> float:
       result = re.search(r"= f32\[([\d,]*)\]", line).group(1)
       contraction = int(re.search(r"contraction = (\d+) : i64", line).group(1))
       total += 2.0 * np.prod([int(d) for d in result.split(",") if d]) * contraction
-    if f'custom_call_target="{_TARGET}"' not in line:
+    if not any(f'custom_call_target="{t}"' in line for t in (_TARGET, _PATCHES_TARGET)):
       continue
     attrs = {name: _dense_ints(values, int(n))
              for name, values, n in re.findall(r"(\w+) = dense<([^>]*)> : tensor<(\d+)xi64>", line)}
@@ -212,27 +229,33 @@ def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv(x, kernel, bias, strides, padding, prepared):
+def _conv(x, kernel, bias, strides, padding, mode):
+  """mode: "direct" (oneDNN's convolution), "prepared" (the same, its kernel reorder a call of its
+  own) or "patches" (the sgemm handler)."""
   y_shape = output_shape(x.shape, kernel.shape, strides, padding)
   geometry = _geometry(x.shape, kernel.shape, y_shape, strides, padding)
-  if prepared:
+  if mode == "prepared":
     (y,) = _forward_ready(geometry, x, _prepare(geometry, x.shape[0], kernel), bias)
   else:
-    (y,) = _conv_call(_FORWARD, geometry, x, kernel, bias)
+    (y,) = _conv_call(_target(mode), _FORWARD, geometry, x, kernel, bias)
   return y
 
 
-def _conv_fwd(x, kernel, bias, strides, padding, prepared):
-  return _conv(x, kernel, bias, strides, padding, prepared), (x, kernel)
+def _conv_fwd(x, kernel, bias, strides, padding, mode):
+  return _conv(x, kernel, bias, strides, padding, mode), (x, kernel)
 
 
-def _conv_bwd(strides, padding, prepared, res, ct):
-  del prepared  # the gradients take the kernel as it is
+def _conv_bwd(strides, padding, mode, res, ct):
+  # The gradients take the kernel as it is.
   x, kernel = res
   geometry = _geometry(x.shape, kernel.shape, ct.shape, strides, padding)
-  (dx,) = _input_grad_call(_INPUT_GRAD, geometry, ct, kernel)
-  dk, dbias = _kernel_grad_call(_KERNEL_GRAD, geometry, x, ct)
+  (dx,) = _input_grad_call(_target(mode), _INPUT_GRAD, geometry, ct, kernel)
+  dk, dbias = _kernel_grad_call(_target(mode), _KERNEL_GRAD, geometry, x, ct)
   return dx, dk, dbias
+
+
+def _target(mode):
+  return _PATCHES_TARGET if mode == "patches" else _TARGET
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -244,10 +267,10 @@ def _geometry(x_shape, kernel_shape, y_shape, strides, padding):
           tuple(tuple(p) for p in padding))
 
 
-def _conv_pass(pass_, geometry, a, b, *bias):
-  """One pass of the handler on `a`'s batch (forward: x, w, bias; input gradient: dy, w; kernel
-  gradient: x, dy)."""
-  return _handler_call(pass_, geometry, (a, b, *bias), kernel_ready=False)
+def _conv_pass(target, pass_, geometry, a, b, *bias):
+  """One pass of a convolution handler on `a`'s batch (forward: x, w, bias; input gradient: dy,
+  w; kernel gradient: x, dy)."""
+  return _handler_call(pass_, geometry, (a, b, *bias), kernel_ready=False, target=target)
 
 
 def _forward_ready(geometry, x, kernel_ready, bias):
@@ -255,17 +278,19 @@ def _forward_ready(geometry, x, kernel_ready, bias):
   return _handler_call(_FORWARD, geometry, (x, kernel_ready, bias), kernel_ready=True)
 
 
-def _handler_call(pass_, geometry, operands, kernel_ready):
+def _handler_call(pass_, geometry, operands, kernel_ready, target=_TARGET):
   x_rest, kernel_shape, y_rest, _, _ = geometry
   batch = operands[0].shape[0]
   x_shape, y_shape = (batch, *x_rest), (batch, *y_rest)
   out_shapes = {_FORWARD: [y_shape], _INPUT_GRAD: [x_shape],
                 _KERNEL_GRAD: [kernel_shape, kernel_shape[-1:]]}[pass_]
+  attrs = _problem_attrs(geometry, batch)
+  if target == _PATCHES_TARGET:
+    attrs["blocked"] = np.int64(0)
   return tuple(jax.ffi.ffi_call(
-      _TARGET, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+      target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
       vmap_method="sequential")(
-          *operands, pass_=np.int64(pass_), kernel_ready=np.int64(kernel_ready),
-          **_problem_attrs(geometry, batch)))
+          *operands, pass_=np.int64(pass_), kernel_ready=np.int64(kernel_ready), **attrs))
 
 
 def _prepare(geometry, batch, kernel):
@@ -421,9 +446,9 @@ def _per_example(fn, n_static: int, batched_args: tuple[bool, ...],
   return call
 
 
-_conv_call = _per_example(_conv_pass, 2, (True, False, False), (True,))
-_input_grad_call = _per_example(_conv_pass, 2, (True, False), (True,))
-_kernel_grad_call = _per_example(_conv_pass, 2, (True, True), (False, False))
+_conv_call = _per_example(_conv_pass, 3, (True, False, False), (True,))
+_input_grad_call = _per_example(_conv_pass, 3, (True, False), (True,))
+_kernel_grad_call = _per_example(_conv_pass, 3, (True, True), (False, False))
 _matmul_call = _per_example(_gemm, 2, (True, False), True)
 _matmul_kernel_grad_call = _per_example(_gemm, 2, (True, True), False)
 _probe_call = _per_example(_probe, 0, (True,), True)
@@ -450,6 +475,9 @@ def _setup() -> str | None:
     if error is not None:
       raise OnednnUnavailableError(error.decode())
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler.BldmOnednnConvolution),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_PATCHES_TARGET,
+                                jax.ffi.pycapsule(handler.BldmPatchesConvolution),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_PREPARE_TARGET,
                                 jax.ffi.pycapsule(handler.BldmOnednnPrepareKernel),

@@ -1,4 +1,5 @@
-// oneDNN convolutions (and matmuls, at the end) as XLA FFI custom calls, for XLA:CPU.
+// oneDNN convolutions (and, further down, weight-bound convolutions and matmuls through oneDNN's
+// sgemm) as XLA FFI custom calls, for XLA:CPU.
 //
 // XLA:CPU's own 3D convolution (and the 2D convolutions our exact rewrites use) reaches 20-50 % of
 // the GEMM peak at 16-64 channels; oneDNN's direct convolution kernels reach 90-120 % (see
@@ -695,6 +696,180 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnMatmul, Matmul,
                                   .Attr<int64_t>("trans_a")
                                   .Attr<int64_t>("trans_b")
                                   .Attr<int64_t>("contraction"));
+
+// ---- Weight-bound convolutions: the input's tap slices and one sgemm. ----
+//
+// Where the kernel outweighs the input (conv_lowering's `patches`: the paper UNet's 768-channel
+// levels at batch 1), a convolution is one matrix product with the kernel as stored,
+// (N * output voxels, taps * Ci) @ (taps * Ci, Co): oneDNN's direct convolution would reorder the
+// 64 MB kernel in every pass. The rows (each output voxel's taps, "im2col") are gathered here into
+// a pooled buffer; in XLA the 27 slices and their concatenation cost 0.6-0.8 ms beside the
+// product's 6-8 ms at 3x4x3, 768 channels. The same three passes and attributes as the
+// convolution handler above (`blocked` and `kernel_ready` must be 0):
+//
+//   pass 0: y = rows(x) @ w + bias;   pass 1: dx = scatter-add of dy @ w^T;
+//   pass 2: dw = rows(x)^T @ dy, dbias = the sum of dy over its rows.
+
+namespace {
+
+// The problem padded to three spatial dims (a missing dim: size 1, one tap, no padding).
+struct Geometry3 {
+  int64_t in[3], out[3], k[3], stride[3], pad[3];
+  int64_t taps() const { return k[0] * k[1] * k[2]; }
+  int64_t out_voxels() const { return out[0] * out[1] * out[2]; }
+  int64_t in_voxels() const { return in[0] * in[1] * in[2]; }
+};
+
+Geometry3 Pad3(const Problem& p) {
+  Geometry3 g;
+  int off = 3 - p.nsp();
+  for (int i = 0; i < 3; ++i) {
+    bool real = i >= off;
+    g.in[i] = real ? p.in_sp[i - off] : 1;
+    g.out[i] = real ? p.out_sp[i - off] : 1;
+    g.k[i] = real ? p.k_sp[i - off] : 1;
+    g.stride[i] = real ? p.strides[i - off] : 1;
+    g.pad[i] = real ? p.pad_lo[i - off] : 0;
+  }
+  return g;
+}
+
+// For every (example, output voxel, tap), in the kernel's own (kd, kh, kw) order, the input
+// voxel it reads (its index over all examples), or -1 where it reads padding.
+template <typename Fn>
+void ForEachTap(const Geometry3& g, int64_t n, Fn fn) {
+  int64_t row = 0;
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t od = 0; od < g.out[0]; ++od)
+      for (int64_t oh = 0; oh < g.out[1]; ++oh)
+        for (int64_t ow = 0; ow < g.out[2]; ++ow, ++row) {
+          int64_t tap = 0;
+          for (int64_t kd = 0; kd < g.k[0]; ++kd)
+            for (int64_t kh = 0; kh < g.k[1]; ++kh)
+              for (int64_t kw = 0; kw < g.k[2]; ++kw, ++tap) {
+                int64_t d = od * g.stride[0] - g.pad[0] + kd;
+                int64_t h = oh * g.stride[1] - g.pad[1] + kh;
+                int64_t w = ow * g.stride[2] - g.pad[2] + kw;
+                bool inside = d >= 0 && d < g.in[0] && h >= 0 && h < g.in[1] && w >= 0 &&
+                              w < g.in[2];
+                fn(row, tap, inside ? ((b * g.in[0] + d) * g.in[1] + h) * g.in[2] + w : -1);
+              }
+        }
+}
+
+// rows[row][tap][ci] = x[voxel][ci], zero where the tap reads padding.
+void GatherRows(const Geometry3& g, int64_t n, int64_t ci, const float* x, float* rows) {
+  const int64_t taps = g.taps();
+  ForEachTap(g, n, [&](int64_t row, int64_t tap, int64_t voxel) {
+    float* dst = rows + (row * taps + tap) * ci;
+    if (voxel < 0) {
+      std::memset(dst, 0, ci * sizeof(float));
+    } else {
+      std::memcpy(dst, x + voxel * ci, ci * sizeof(float));
+    }
+  });
+}
+
+// dx[voxel][ci] = the sum of rows[row][tap][ci] over the (row, tap) that read it.
+void ScatterAddRows(const Geometry3& g, int64_t n, int64_t ci, const float* rows, float* dx) {
+  const int64_t taps = g.taps();
+  std::memset(dx, 0, n * g.in_voxels() * ci * sizeof(float));
+  ForEachTap(g, n, [&](int64_t row, int64_t tap, int64_t voxel) {
+    if (voxel < 0) return;
+    const float* src = rows + (row * taps + tap) * ci;
+    float* dst = dx + voxel * ci;
+    for (int64_t c = 0; c < ci; ++c) dst[c] += src[c];
+  });
+}
+
+xla::ffi::Error Sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a,
+                      int64_t lda, const float* b, int64_t ldb, float beta, float* c) {
+  dnnl_status_t s = g_dnnl->sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, n);
+  if (s != 0) return xla::ffi::Error::Internal(Status("sgemm", s));
+  return xla::ffi::Error::Success();
+}
+
+xla::ffi::Error Patches(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::ffi::F32> b,
+                        xla::ffi::RemainingArgs extra_args,
+                        xla::ffi::ResultBuffer<xla::ffi::F32> out,
+                        xla::ffi::RemainingRets extra_rets, int64_t pass, int64_t blocked,
+                        int64_t kernel_ready, xla::ffi::Span<const int64_t> x_shape,
+                        xla::ffi::Span<const int64_t> kernel_shape,
+                        xla::ffi::Span<const int64_t> y_shape,
+                        xla::ffi::Span<const int64_t> strides,
+                        xla::ffi::Span<const int64_t> pad_lo,
+                        xla::ffi::Span<const int64_t> pad_hi) {
+  using xla::ffi::Error;
+  if (g_dnnl == nullptr) return Error::Internal("patches convolution called before BldmOnednnLoad");
+  if (blocked || kernel_ready) {
+    return Error::InvalidArgument("patches convolution: blocked and kernel_ready must be 0");
+  }
+  Problem p;
+  Error error =
+      MakeProblem(pass, 0, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
+  if (error.failure()) return error;
+  const Geometry3 g = Pad3(p);
+  const int64_t rows = p.n * g.out_voxels(), depth = g.taps() * p.ci;
+  const int64_t x_size = p.n * g.in_voxels() * p.ci, y_size = rows * p.co;
+  const int64_t k_size = depth * p.co;
+  // The buffers must be the sizes the attributes imply: the loops below index by those.
+  const int64_t sizes[3][3] = {{x_size, k_size, y_size}, {y_size, k_size, x_size},
+                               {x_size, y_size, k_size}};
+  if (static_cast<int64_t>(a.element_count()) != sizes[pass][0] ||
+      static_cast<int64_t>(b.element_count()) != sizes[pass][1] ||
+      static_cast<int64_t>(out->element_count()) != sizes[pass][2]) {
+    return Error::InvalidArgument("patches convolution: operand sizes do not match the problem");
+  }
+  if (rows == 0 || p.co == 0 || depth == 0) return Error::Success();
+  PooledBlock cols(rows * depth * sizeof(float));
+  float* cols_data = static_cast<float*>(cols.block.ptr);
+  if (pass == 0) {
+    auto bias = extra_args.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
+    if (bias.has_error()) return bias.error();
+    if (static_cast<int64_t>(bias->element_count()) != p.co) {
+      return Error::InvalidArgument("patches convolution: the bias must have Co elements");
+    }
+    float* y = out->typed_data();
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * p.co, bias->typed_data(), p.co * 4);
+    GatherRows(g, p.n, p.ci, a.typed_data(), cols_data);
+    return Sgemm('N', 'N', rows, p.co, depth, cols_data, depth, b.typed_data(), p.co, 1.0f, y);
+  }
+  if (pass == 1) {
+    error = Sgemm('N', 'T', rows, depth, p.co, a.typed_data(), p.co, b.typed_data(), p.co, 0.0f,
+                  cols_data);
+    if (error.failure()) return error;
+    ScatterAddRows(g, p.n, p.ci, cols_data, out->typed_data());
+    return Error::Success();
+  }
+  auto dbias = extra_rets.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
+  if (dbias.has_error()) return dbias.error();
+  if (static_cast<int64_t>((*dbias)->element_count()) != p.co) {
+    return Error::InvalidArgument("patches convolution: the bias gradient must have Co elements");
+  }
+  float* db = (*dbias)->typed_data();
+  const float* dy = b.typed_data();
+  std::memset(db, 0, p.co * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < p.co; ++c) db[c] += dy[r * p.co + c];
+  GatherRows(g, p.n, p.ci, a.typed_data(), cols_data);
+  return Sgemm('T', 'N', depth, p.co, rows, cols_data, depth, dy, p.co, 0.0f, out->typed_data());
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmPatchesConvolution(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, Patches,
+                              WithProblemShapes(xla::ffi::Ffi::Bind()
+                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .RemainingArgs()
+                                                    .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                                    .RemainingRets()
+                                                    .Attr<int64_t>("pass_")
+                                                    .Attr<int64_t>("blocked")
+                                                    .Attr<int64_t>("kernel_ready")));
 
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
