@@ -132,6 +132,23 @@ def test_invariant_kernels_are_prepared_once_before_the_loop(monkeypatch):
   assert text.count(target) == 16 and target not in body  # one per transformed kernel, outside
 
 
+def test_weight_bound_convolutions_take_prepared_onednn_kernels_in_loops():
+  # A kernel between the two `patches` thresholds (27 * 16 taps x Cout per voxel: 54): `patches`
+  # in a single call, oneDNN with its kernel prepared before the loop inside `invariant_kernels`.
+  x, w, _ = _inputs((1, 2, 2, 2, 16), 3, 16)
+  conv = lambda x: conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3)  # noqa: E731
+  single = jax.jit(conv).lower(x).as_text()
+  assert "patches_conv" in single and "onednn_conv" not in single
+
+  def invariant(x):
+    with conv_lowering.invariant_kernels():
+      return conv(x)
+
+  looped = jax.jit(invariant).lower(x).as_text()
+  assert "patches_conv" not in looped and onednn._PREPARE_TARGET in looped
+  assert _rel(jax.jit(invariant)(x), jax.jit(conv)(x)) < 1e-6
+
+
 def test_probe_reads_each_example_first_element():
   x = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4) - 5.5
   for dtype in (jnp.float32, jnp.bfloat16):

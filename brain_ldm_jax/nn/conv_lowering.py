@@ -82,6 +82,13 @@ _IM2COL_MAX_CIN = 1
 # native_im2col 79 ms, torch 51 ms; at 5x7x5, 768 (ratio 118) fwd / fwd+bwd 34 / 109 ms vs onednn
 # 45 / 153. At 5x7x5, 512 (79) and 6x8x6, 768 (72) they tie; at 6x8x6, 512 (48) onednn is ahead.
 _PATCHES_MIN_KERNEL_PER_VOXEL = 100
+# With oneDNN, from this ratio on: its `patches` handler (taps gathered in the call) against a
+# oneDNN convolution that reorders its kernel in every call. The 12x16x12 paper-width UNet
+# forward, whose 6x8x6 convolutions (ratio 48-72) switch, in one process against 100 (s, 4 runs
+# on the 2-core Xeon): 1.064 vs 1.172, 1.212 vs 1.233, 1.206 vs 1.222, 1.229 vs 1.298. Inside
+# `invariant_kernels` oneDNN reorders each kernel once and the threshold stays at 100: a scanned
+# step of that UNet took 1.170 s at 40 against 1.130 s at 100.
+_PATCHES_MIN_KERNEL_PER_VOXEL_REORDERED = 40
 # With oneDNN, 3^3 stride-1 convolutions with at least this many input and output channels and
 # in-plane voxels use winograd (fwd / fwd+bwd vs onednn, ms; depth-only form on planes under 192):
 # 20x28x20, 256 -> 256: 108 / 239 vs 160 / 334; 512 -> 256: 205 / ~510 vs 387 / 672; 12x16x12,
@@ -126,7 +133,8 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if impl == "auto":
     impl = choose_impl(x.shape, kernel.shape, strides, platform(x),
-                       onednn=_onednn_usable(x, kernel))
+                       onednn=_onednn_usable(x, kernel),
+                       prepared_kernels=_INVARIANT_KERNELS.get())
   if impl == "native" or x.ndim != 5:
     y = _native(x, kernel, strides, padding)
   elif impl == "onednn":
@@ -356,16 +364,19 @@ def after(tree: Any, ct: Any) -> Any:
 
 
 def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
-                platform: str, *, onednn: bool = False) -> str:
+                platform: str, *, onednn: bool = False, prepared_kernels: bool = False) -> str:
   """The lowering `auto` uses: a static rule from scripts/benchmark_conv.py measurements.
 
   `onednn`: whether the oneDNN custom call may be used (CPU, float32, library available).
+  `prepared_kernels`: whether oneDNN's kernels are prepared once (`invariant_kernels`).
   """
   # The XLA rewrites won at stride 2 as well (fwd+bwd 7-29x native, whose strided grads crawl).
   if platform != "cpu" or len(x_shape) != 5:
     return "native"
   voxels = np.prod(x_shape[:4])
-  if np.prod(kernel_shape[:3]) * kernel_shape[-1] >= _PATCHES_MIN_KERNEL_PER_VOXEL * voxels:
+  min_ratio = (_PATCHES_MIN_KERNEL_PER_VOXEL_REORDERED if onednn and not prepared_kernels
+               else _PATCHES_MIN_KERNEL_PER_VOXEL)
+  if np.prod(kernel_shape[:3]) * kernel_shape[-1] >= min_ratio * voxels:
     return "patches"
   if onednn:
     if (tuple(kernel_shape[:3]) == (3, 3, 3) and all(s == 1 for s in strides)
