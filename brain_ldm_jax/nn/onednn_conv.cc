@@ -622,16 +622,21 @@ auto WithProblemShapes(Binding binding) {
       .template Attr<Shape>("pad_hi");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution,
-                              WithProblemShapes(xla::ffi::Ffi::Bind()
-                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .RemainingArgs()
-                                                    .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .RemainingRets()
-                                                    .Attr<int64_t>("pass_")
-                                                    .Attr<int64_t>("blocked")
-                                                    .Attr<int64_t>("kernel_ready")));
+// The binding of both convolution handlers (this one and `patches`' below): a and b, the bias as
+// a third operand (forward) or a second result (kernel gradient), then the problem's attributes.
+auto ConvolutionBinding() {
+  return WithProblemShapes(xla::ffi::Ffi::Bind()
+                               .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                               .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                               .RemainingArgs()
+                               .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                               .RemainingRets()
+                               .Attr<int64_t>("pass_")
+                               .Attr<int64_t>("blocked")
+                               .Attr<int64_t>("kernel_ready"));
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution, ConvolutionBinding());
 
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnPrepareKernel(
     XLA_FFI_CallFrame* call_frame);
@@ -860,16 +865,7 @@ xla::ffi::Error Patches(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla:
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmPatchesConvolution(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, Patches,
-                              WithProblemShapes(xla::ffi::Ffi::Bind()
-                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .RemainingArgs()
-                                                    .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .RemainingRets()
-                                                    .Attr<int64_t>("pass_")
-                                                    .Attr<int64_t>("blocked")
-                                                    .Attr<int64_t>("kernel_ready")));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, Patches, ConvolutionBinding());
 
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
