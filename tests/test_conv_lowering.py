@@ -189,30 +189,37 @@ def test_unknown_impl_raises():
     conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3, impl="fft")
 
 
-@pytest.mark.parametrize("impl", ["auto", "depth_sum"])
-def test_upsample2_conv_matches_upsample_then_native(monkeypatch, impl):
-  # The sub-pixel path (8 parity convolutions of the low-resolution input) against the upsampled
-  # input convolved natively: value and both gradients, borders included. With impl="auto" the
-  # parity kernels' gradient goes through oneDNN's sgemm, as at the paper's widths.
+@pytest.mark.parametrize("path", ["products", "subpixel", "subpixel_depth_sum"])
+def test_upsample2_conv_matches_upsample_then_native(monkeypatch, path):
+  # Against the upsampled input convolved natively: value and the three gradients, borders
+  # included. "products": oneDNN's handler (each input voxel times each tap, summed into the
+  # outputs), which `auto` takes from _TAP_PRODUCTS_MIN_CHANNELS channels. "subpixel": the 8
+  # parity convolutions of the low-resolution input; with impl="auto" their kernels' gradient
+  # goes through oneDNN's sgemm, as at the paper's widths.
+  products = path == "products"
+  monkeypatch.setattr(conv_lowering, "_TAP_PRODUCTS_MIN_CHANNELS", 1 if products else 10**9)
   monkeypatch.setattr(conv_lowering, "_SUBPIXEL_MIN_VOXELS", 1)  # a small input takes it too
-  if impl == "auto":
-    monkeypatch.setattr(conv_lowering, "_ONEDNN_MATMUL_MIN_KERNEL", 1)
+  monkeypatch.setattr(conv_lowering, "_ONEDNN_MATMUL_MIN_KERNEL", 1)
+  impl = "depth_sum" if path.endswith("depth_sum") else "auto"
   x, w = _inputs((3, 4, 5), 3, cin=6, cout=5)
+  b = jax.random.normal(jax.random.PRNGKey(3), (5,))
   ct = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 8, 10, 5))
   pad = ((1, 1),) * 3
 
   def value_and_grads(f):
-    loss = lambda x, w: (jnp.sum(f(x, w) * ct), f(x, w))
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
-    return (y, *grads)
+    loss = lambda x, w, b: (jnp.sum(f(x, w, b) * ct), f(x, w, b))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, y), grads = step(x, w, b)
+    return step.lower(x, w, b).as_text(), (y, *grads)
 
-  got = value_and_grads(lambda x, w: conv_lowering.upsample2_conv(x, w, padding=pad, impl=impl))
-  ref = value_and_grads(lambda x, w: conv_lowering.conv(
-      conv_lowering.upsample_nearest2(x), w, strides=(1, 1, 1), padding=pad, impl="native"))
-  for name, g, r in zip(("y", "dx", "dw"), got, ref):
+  hlo, got = value_and_grads(
+      lambda x, w, b: conv_lowering.upsample2_conv(x, w, b, padding=pad, impl=impl))
+  _, ref = value_and_grads(lambda x, w, b: conv_lowering.conv(
+      conv_lowering.upsample_nearest2(x), w, b, strides=(1, 1, 1), padding=pad, impl="native"))
+  for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
     assert g.shape == r.shape, (name, g.shape, r.shape)
     assert _rel(g, r) < 1e-5, (name, _rel(g, r))
-  hlo = jax.jit(lambda x, w: conv_lowering.upsample2_conv(x, w, padding=pad)).lower(x, w).as_text()
+  assert ("upsample_conv" in hlo) == products
   assert "6x8x10x6" not in hlo, "the upsampled input was built"
 
 

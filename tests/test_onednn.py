@@ -313,6 +313,26 @@ def test_patches_handler_refuses_mismatched_operands():
     jax.block_until_ready(jax.jit(lambda x: call(x[:, :1]))(x))
 
 
+def test_upsample_handler_refuses_other_problems():
+  # Only the x2 upsampling of a 3x3x3 convolution with padding 1, with buffers of the sizes its
+  # attributes imply.
+  x, w, _ = _inputs((1, 2, 3, 2, 4), 3, 5)
+  bias = jnp.zeros((5,), jnp.float32)
+
+  def call(y_shape, x_used=lambda x: x):
+    geometry = onednn._geometry(x.shape, w.shape, y_shape, (1, 1, 1), ((1, 1),) * 3)
+    return jax.jit(lambda x: onednn._conv_pass(onednn._UPSAMPLE_TARGET, onednn._FORWARD,
+                                               geometry, x_used(x), w, bias))(x)
+
+  assert call((1, 4, 6, 4, 5))[0].shape == (1, 4, 6, 4, 5)
+  with pytest.raises(Exception, match="output twice the input"):
+    jax.block_until_ready(call((1, 2, 3, 2, 5)))
+  with pytest.raises(Exception, match="operand sizes do not match"):
+    jax.block_until_ready(call((1, 4, 6, 4, 5), lambda x: x[:, :, :2]))
+  with pytest.raises(ValueError, match="3, 3, 3, Cin, Cout"):
+    onednn.upsample2_conv(x, w[:2])
+
+
 def test_hlo_flops_counts_every_pass():
   # Splat attributes (all dims equal) print as one value in the HLO text: x, y and the kernel here.
   x, w, _ = _inputs((3, 3, 3, 3, 3), 3, 3)
@@ -324,6 +344,10 @@ def test_hlo_flops_counts_every_pass():
   loss = lambda x, w: jnp.sum(conv_lowering.conv(x, w, impl="patches", **kw) ** 2)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   assert "patches_conv" in compiled.as_text()
+  assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
+  # The upsampling convolution: 27 taps per input voxel, not per output voxel.
+  loss = lambda x, w: jnp.sum(onednn.upsample2_conv(x, w) ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
   # Matmuls: 2 * result elements * contraction for the forward and both gradients.
   a, b = jnp.ones((2, 5, 24), jnp.float32), jnp.ones((24, 40), jnp.float32)
@@ -350,7 +374,9 @@ def loss(x, r, w, b, m):
                          padding=((1, 1),) * 3)
   z = onednn.matmul(y, m)
   p = conv_lowering.conv(x, w, b, impl="patches", strides=(1, 1, 1), padding=((1, 1),) * 3)
-  return jnp.sum(y * r) + jnp.sum(onednn.probe(y)) + jnp.sum(z * z) + jnp.sum(p * r)
+  u = onednn.upsample2_conv(x[:, :3, :3, :2], w, b)
+  return (jnp.sum(y * r) + jnp.sum(onednn.probe(y)) + jnp.sum(z * z) + jnp.sum(p * r)
+          + jnp.sum(u * r[:, :, :6, :4]))
 
 step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))
 mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -369,10 +395,10 @@ print(json.dumps({"rel": [rel(got[0], ref[0])] + [rel(g, q) for g, q in zip(got[
 
 
 def test_batch_sharded_program_runs_each_devices_examples():
-  # Two CPU devices, batch split over them: every custom call (the convolution's, `patches`' and
-  # matmul's forward and both gradients, probe, materialize) runs on its device's 2 examples,
-  # nothing is gathered, and the kernel and bias gradients are summed across devices: the same
-  # numbers as on one device.
+  # Two CPU devices, batch split over them: every custom call (the convolution's, `patches`',
+  # the upsampling convolution's and matmul's forward and both gradients, probe, materialize)
+  # runs on its device's 2 examples, nothing is gathered, and the kernel and bias gradients are
+  # summed across devices: the same numbers as on one device.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", _SHARDED_PROGRAM], env=env, capture_output=True,
                         text=True, timeout=300, check=False)
@@ -381,4 +407,4 @@ def test_batch_sharded_program_runs_each_devices_examples():
   assert result["devices"] == 2
   assert max(result["rel"]) < 1e-6, result
   assert not result["all_gather"]
-  assert result["whole_batch"] == 0 and result["own_examples"] == 11, result
+  assert result["whole_batch"] == 0 and result["own_examples"] == 14, result

@@ -210,6 +210,15 @@ _PHASE_PADDING = ((1, 0), (0, 1))
 # upsample-then-conv): 3x4x3, 768 channels: 113 / 645 vs 64 / 192; 6x8x6, 512: 83 / 451 vs
 # 153 / 437; 6x8x6 batch 2, 512: 133 / 559 vs 263 / 827; 5x7x5 batch 6, 64: 3.6 / 13 vs 7.7 / 25.
 _SUBPIXEL_MIN_VOXELS = 256
+# From this many input and output channels (with oneDNN) the upsampling convolution is each input
+# voxel's product with each tap, summed into the outputs (`onednn.upsample2_conv`): 27
+# multiply-adds per input voxel and channel pair against the parity kernels' 64, but a products
+# buffer 27/8 times the output's size, summed in single-threaded passes over memory. fwd / fwd+bwd
+# ms, parity convolutions (or upsample-then-conv below _SUBPIXEL_MIN_VOXELS) vs products:
+# 3x4x3, 768: 43 / 89 vs 9 / 20; 6x8x6, 512: 116 / 177 vs 29 / 63; 10x14x10, 512: 238 / 486 vs
+# 126 / 245; 20x28x20, 128: 108 / 221 vs 152 / 274; 5x7x5 batch 6, 64: 2.9 / 11 vs 3.5 / 7.3;
+# 20x28x20 batch 2, 32: 32 / 46 vs 50 / 99.
+_TAP_PRODUCTS_MIN_CHANNELS = 256
 
 
 # The same as a 0/1 matrix: tap t (of 2^3) of parity p's kernel sums the 3^3 kernel's taps k with
@@ -252,8 +261,10 @@ def upsample2_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
                    padding: Sequence[tuple[int, int]], impl: str = "auto") -> jax.Array:
   """conv(upsample_nearest2(x), kernel, bias), stride 1: MONAI's Upsample(nearest) -> 3^d conv.
 
-  With a 3^3 kernel and padding 1 on CPU (and an input of at least _SUBPIXEL_MIN_VOXELS) this never
-  builds the upsampled input: each of the 8
+  With a 3^3 kernel and padding 1 on CPU this never builds the upsampled input. From
+  _TAP_PRODUCTS_MIN_CHANNELS channels with oneDNN (impl "auto"), `onednn.upsample2_conv` multiplies
+  each input voxel by each tap and sums the products into the outputs. Otherwise, for an input
+  of at least _SUBPIXEL_MIN_VOXELS, each of the 8
   output parities (even/odd along each axis) is a 2^3 convolution of x itself with the kernel's
   taps summed where they read the same input voxel (sub-pixel convolution). That is 64 instead of
   216 multiply-adds per input voxel and channel pair, and neither the 8x larger upsampled input
@@ -265,8 +276,11 @@ def upsample2_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   """
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   nd = x.ndim - 2
-  subpixel = (nd == 3 and kernel.shape[:3] == (3, 3, 3) and padding == ((1, 1),) * 3
-              and platform(x) == "cpu" and np.prod(x.shape[:4]) >= _SUBPIXEL_MIN_VOXELS)
+  taps3 = nd == 3 and kernel.shape[:3] == (3, 3, 3) and padding == ((1, 1),) * 3
+  if (taps3 and impl == "auto" and _onednn_usable(x, kernel)
+      and min(kernel.shape[-2:]) >= _TAP_PRODUCTS_MIN_CHANNELS):
+    return onednn.upsample2_conv(x, kernel, bias)
+  subpixel = (taps3 and platform(x) == "cpu" and np.prod(x.shape[:4]) >= _SUBPIXEL_MIN_VOXELS)
   if not subpixel:
     if impl == "native":  # plain autodiff, forward mode included
       return conv(upsample_nearest2(x), kernel, bias, strides=(1,) * nd, padding=padding,

@@ -11,7 +11,9 @@ oneDNN's sgemm runs at PyTorch's speed: `matmul`.
 How it is put together:
   * `onednn_conv.cc` (next to this file) holds the FFI handlers over oneDNN's C API: the
     convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), the
-    three passes of a weight-bound convolution as sgemm products (`patches`), the matmul
+    three passes of a weight-bound convolution as sgemm products (`patches`), those of the
+    ×2 upsampling convolution as per-tap products summed into the outputs (`upsample2_conv`),
+    the matmul
     (sgemm, either operand transposed), and two scheduling tools (`probe`, `materialize`). It is compiled on first use with the system C++ compiler against the
     installed jaxlib's FFI headers, into a per-user cache (`$BRAIN_LDM_CACHE`, default
     ~/.cache/brain_ldm_jax, or the temp directory when that is read-only), keyed by the source
@@ -54,6 +56,7 @@ import numpy as np
 
 _TARGET = "brain_ldm_jax_onednn_conv"
 _PATCHES_TARGET = "brain_ldm_jax_patches_conv"
+_UPSAMPLE_TARGET = "brain_ldm_jax_upsample_conv"
 _PREPARE_TARGET = "brain_ldm_jax_onednn_prepare_kernel"
 _MATMUL_TARGET = "brain_ldm_jax_onednn_matmul"
 _PROBE_TARGET = "brain_ldm_jax_probe"
@@ -102,6 +105,20 @@ def patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   pass. Each gradient is one more sgemm."""
   bias = _checked("conv impl 'patches'", x, kernel, bias)
   return _conv(x, kernel, bias, tuple(strides), tuple(tuple(p) for p in padding), "patches")
+
+
+def upsample2_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """`conv(upsample_nearest2(x), kernel)` (+ bias) for a 3x3x3 kernel, stride 1 and padding 1,
+  x (B, D, H, W, Cin): each input voxel times each of the 27 taps (27 sgemms), then every output
+  voxel sums the 27 products it reads (col2im), one spatial axis at a time. 27 multiply-adds per
+  input voxel and channel pair, where the 8 sub-pixel parity convolutions take 64 and the
+  upsampled input's convolution 216; the upsampled input is never built. Its gradients are the
+  transposes: the cotangent's sums per input voxel and tap, then 27 sgemms each."""
+  bias = _checked("onednn.upsample2_conv", x, kernel, bias)
+  if x.ndim != 5 or kernel.shape[:3] != (3, 3, 3) or kernel.shape[3] != x.shape[-1]:
+    raise ValueError(f"onednn.upsample2_conv takes x (B, D, H, W, Cin) and a (3, 3, 3, Cin, Cout) "
+                     f"kernel, got {x.shape} and {kernel.shape}")
+  return _conv(x, kernel, bias, (1, 1, 1), ((1, 1),) * 3, "upsample2")
 
 
 def _checked(what, x, kernel, bias):
@@ -200,7 +217,8 @@ def hlo_flops(hlo_text: str) -> float:
   """FLOPs of this module's convolutions and matmuls in a compiled HLO module's text.
 
   XLA's cost analysis counts a custom call as zero FLOPs; add this to it. Each convolution pass
-  (forward, input gradient, kernel gradient) is 2 * output voxels * kernel volume * Cin * Cout,
+  (forward, input gradient, kernel gradient) is 2 * output voxels * kernel volume * Cin * Cout
+  (input voxels for `upsample2_conv`),
   each matmul 2 * result elements * contraction; a call inside a loop body is counted once.
   """
   total = 0.0
@@ -209,11 +227,14 @@ def hlo_flops(hlo_text: str) -> float:
       result = re.search(r"= f32\[([\d,]*)\]", line).group(1)
       contraction = int(re.search(r"contraction = (\d+) : i64", line).group(1))
       total += 2.0 * np.prod([int(d) for d in result.split(",") if d]) * contraction
-    if not any(f'custom_call_target="{t}"' in line for t in (_TARGET, _PATCHES_TARGET)):
+    targets = (_TARGET, _PATCHES_TARGET, _UPSAMPLE_TARGET)
+    if not any(f'custom_call_target="{t}"' in line for t in targets):
       continue
     attrs = {name: _dense_ints(values, int(n))
              for name, values, n in re.findall(r"(\w+) = dense<([^>]*)> : tensor<(\d+)xi64>", line)}
-    total += 2.0 * np.prod(attrs["y_shape"][:-1]) * np.prod(attrs["kernel_shape"])
+    # An upsampling convolution multiplies each input voxel (not each output voxel) by the taps.
+    voxels = attrs["x_shape" if _UPSAMPLE_TARGET in line else "y_shape"][:-1]
+    total += 2.0 * np.prod(voxels) * np.prod(attrs["kernel_shape"])
   return total
 
 
@@ -231,8 +252,11 @@ def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv(x, kernel, bias, strides, padding, mode):
   """mode: "direct" (oneDNN's convolution), "prepared" (the same, its kernel reorder a call of its
-  own) or "patches" (the sgemm handler)."""
-  y_shape = output_shape(x.shape, kernel.shape, strides, padding)
+  own), "patches" (the sgemm handler) or "upsample2" (`upsample2_conv`'s)."""
+  if mode == "upsample2":
+    y_shape = (x.shape[0], *(2 * n for n in x.shape[1:-1]), kernel.shape[-1])
+  else:
+    y_shape = output_shape(x.shape, kernel.shape, strides, padding)
   geometry = _geometry(x.shape, kernel.shape, y_shape, strides, padding)
   if mode == "prepared":
     (y,) = _forward_ready(geometry, x, _prepare(geometry, x.shape[0], kernel), bias)
@@ -255,7 +279,7 @@ def _conv_bwd(strides, padding, mode, res, ct):
 
 
 def _target(mode):
-  return _PATCHES_TARGET if mode == "patches" else _TARGET
+  return {"patches": _PATCHES_TARGET, "upsample2": _UPSAMPLE_TARGET}.get(mode, _TARGET)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -285,7 +309,7 @@ def _handler_call(pass_, geometry, operands, kernel_ready, target=_TARGET):
   out_shapes = {_FORWARD: [y_shape], _INPUT_GRAD: [x_shape],
                 _KERNEL_GRAD: [kernel_shape, kernel_shape[-1:]]}[pass_]
   attrs = _problem_attrs(geometry, batch)
-  if target == _PATCHES_TARGET:
+  if target != _TARGET:
     attrs["blocked"] = np.int64(0)
   return tuple(jax.ffi.ffi_call(
       target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
@@ -479,6 +503,9 @@ def _setup() -> str | None:
     jax.ffi.register_ffi_target(_PATCHES_TARGET,
                                 jax.ffi.pycapsule(handler.BldmPatchesConvolution),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_UPSAMPLE_TARGET,
+                                jax.ffi.pycapsule(handler.BldmUpsampleConvolution),
+                                platform="cpu")
     jax.ffi.register_ffi_target(_PREPARE_TARGET,
                                 jax.ffi.pycapsule(handler.BldmOnednnPrepareKernel),
                                 platform="cpu")
@@ -527,7 +554,8 @@ def _build() -> Path:
   import jaxlib  # pylint: disable=g-import-not-at-top
 
   source = _SOURCE.read_bytes()
-  flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
+  # -O3: GCC vectorizes the handlers' summing loops (unknown trip counts) only from there.
+  flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
   key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(flags).encode())
   name = f"onednn_conv-{key.hexdigest()[:16]}.so"
   for cache in _cache_dirs():
