@@ -13,8 +13,8 @@ How it is put together:
     convolution's three passes, the forward kernel's reorder on its own (`prepare_kernel`), the
     three passes of a weight-bound convolution as sgemm products (`patches`), those of the
     ×2 upsampling convolution as per-tap products summed into the outputs (`upsample2_conv`),
-    the matmul
-    (sgemm, either operand transposed), and two scheduling tools (`probe`, `materialize`). It is compiled on first use with the system C++ compiler against the
+    the matmul (sgemm, either operand transposed), and two scheduling tools (`probe`,
+    `materialize`). It is compiled on first use with the system C++ compiler against the
     installed jaxlib's FFI headers, into a per-user cache (`$BRAIN_LDM_CACHE`, default
     ~/.cache/brain_ldm_jax, or the temp directory when that is read-only), keyed by the source
     and the jaxlib version; later processes load the cached library. Building takes a few

@@ -787,85 +787,127 @@ void ScatterAddRows(const Geometry3& g, int64_t n, int64_t ci, const float* rows
   });
 }
 
+using F32Buffer = xla::ffi::Buffer<xla::ffi::F32>;
+
 xla::ffi::Error Sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a,
-                      int64_t lda, const float* b, int64_t ldb, float beta, float* c) {
-  dnnl_status_t s = g_dnnl->sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, n);
+                      int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                      int64_t ldc) {
+  dnnl_status_t s = g_dnnl->sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
   if (s != 0) return xla::ffi::Error::Internal(Status("sgemm", s));
   return xla::ffi::Error::Success();
 }
 
-xla::ffi::Error Patches(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::ffi::F32> b,
-                        xla::ffi::RemainingArgs extra_args,
-                        xla::ffi::ResultBuffer<xla::ffi::F32> out,
-                        xla::ffi::RemainingRets extra_rets, int64_t pass, int64_t blocked,
-                        int64_t kernel_ready, xla::ffi::Span<const int64_t> x_shape,
-                        xla::ffi::Span<const int64_t> kernel_shape,
-                        xla::ffi::Span<const int64_t> y_shape,
-                        xla::ffi::Span<const int64_t> strides,
-                        xla::ffi::Span<const int64_t> pad_lo,
-                        xla::ffi::Span<const int64_t> pad_hi) {
-  using xla::ffi::Error;
-  if (g_dnnl == nullptr) return Error::Internal("patches convolution called before BldmOnednnLoad");
-  if (blocked || kernel_ready) {
-    return Error::InvalidArgument("patches convolution: blocked and kernel_ready must be 0");
+// The problem of a handler that computes its passes with sgemm (this one, the upsampling one
+// below): oneDNN loaded, and neither its blocked layout nor a prepared kernel asked for.
+xla::ffi::Error SgemmProblem(const char* what, int64_t pass, int64_t blocked,
+                             int64_t kernel_ready, xla::ffi::Span<const int64_t> x_shape,
+                             xla::ffi::Span<const int64_t> kernel_shape,
+                             xla::ffi::Span<const int64_t> y_shape,
+                             xla::ffi::Span<const int64_t> strides,
+                             xla::ffi::Span<const int64_t> pad_lo,
+                             xla::ffi::Span<const int64_t> pad_hi, Problem* p) {
+  if (g_dnnl == nullptr) {
+    return xla::ffi::Error::Internal(std::string(what) + " called before BldmOnednnLoad");
   }
-  Problem p;
-  Error error =
-      MakeProblem(pass, 0, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
+  if (blocked || kernel_ready) {
+    return xla::ffi::Error::InvalidArgument(std::string(what) +
+                                            ": blocked and kernel_ready must be 0");
+  }
+  xla::ffi::Error error =
+      MakeProblem(pass, 0, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, p);
   if (error.failure()) return error;
-  const Geometry3 g = Pad3(p);
-  const int64_t rows = p.n * g.out_voxels(), depth = g.taps() * p.ci;
-  const int64_t x_size = p.n * g.in_voxels() * p.ci, y_size = rows * p.co;
-  const int64_t k_size = depth * p.co;
-  // The buffers must be the sizes the attributes imply: the loops below index by those.
+  const size_t nsp = p->nsp();
+  if (kernel_shape[nsp] != p->ci || kernel_shape[nsp + 1] != p->co || y_shape[0] != p->n) {
+    return xla::ffi::Error::InvalidArgument(std::string(what) +
+                                            ": x, kernel and y shapes do not agree");
+  }
+  return xla::ffi::Error::Success();
+}
+
+// The buffers must be the sizes the attributes imply, since the loops index by those: (a, b,
+// out) is (x, w, y) in the forward pass, (dy, w, dx) in the input gradient's, (x, dy, dw) in the
+// kernel gradient's.
+xla::ffi::Error CheckSizes(const char* what, int64_t pass, int64_t x_size, int64_t k_size,
+                           int64_t y_size, size_t a, size_t b, size_t out) {
   const int64_t sizes[3][3] = {{x_size, k_size, y_size}, {y_size, k_size, x_size},
                                {x_size, y_size, k_size}};
-  if (static_cast<int64_t>(a.element_count()) != sizes[pass][0] ||
-      static_cast<int64_t>(b.element_count()) != sizes[pass][1] ||
-      static_cast<int64_t>(out->element_count()) != sizes[pass][2]) {
-    return Error::InvalidArgument("patches convolution: operand sizes do not match the problem");
+  if (static_cast<int64_t>(a) == sizes[pass][0] && static_cast<int64_t>(b) == sizes[pass][1] &&
+      static_cast<int64_t>(out) == sizes[pass][2]) {
+    return xla::ffi::Error::Success();
   }
-  if (rows == 0 || p.co == 0 || depth == 0) return Error::Success();
+  return xla::ffi::Error::InvalidArgument(std::string(what) +
+                                          ": operand sizes do not match the problem");
+}
+
+// The forward pass' third operand: the bias, Co elements.
+xla::ffi::Error BiasOperand(const char* what, xla::ffi::RemainingArgs extra_args, int64_t co,
+                            const float** bias) {
+  auto buffer = extra_args.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
+  if (buffer.has_error()) return buffer.error();
+  if (static_cast<int64_t>(buffer->element_count()) != co) {
+    return xla::ffi::Error::InvalidArgument(std::string(what) + ": the bias must have Co elements");
+  }
+  *bias = buffer->typed_data();
+  return xla::ffi::Error::Success();
+}
+
+// y (rows, Co) = the bias in every row.
+void FillRows(const float* bias, int64_t rows, int64_t co, float* y) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * co, bias, co * sizeof(float));
+}
+
+// The kernel gradient pass' second result: the bias gradient, dy (rows, Co) summed over rows.
+xla::ffi::Error SumBiasGradient(const char* what, xla::ffi::RemainingRets extra_rets,
+                                const float* dy, int64_t rows, int64_t co) {
+  auto dbias = extra_rets.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
+  if (dbias.has_error()) return dbias.error();
+  if (static_cast<int64_t>((*dbias)->element_count()) != co) {
+    return xla::ffi::Error::InvalidArgument(std::string(what) +
+                                            ": the bias gradient must have Co elements");
+  }
+  float* db = (*dbias)->typed_data();
+  std::memset(db, 0, co * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < co; ++c) db[c] += dy[r * co + c];
+  return xla::ffi::Error::Success();
+}
+
+xla::ffi::Error Patches(const char* what, int64_t pass, const Problem& p, F32Buffer a, F32Buffer b,
+                        xla::ffi::RemainingArgs extra_args,
+                        xla::ffi::ResultBuffer<xla::ffi::F32> out,
+                        xla::ffi::RemainingRets extra_rets) {
+  using xla::ffi::Error;
+  const Geometry3 g = Pad3(p);
+  const int64_t rows = p.n * g.out_voxels(), depth = g.taps() * p.ci;
+  Error error = CheckSizes(what, pass, p.n * g.in_voxels() * p.ci, depth * p.co, rows * p.co,
+                     a.element_count(), b.element_count(), out->element_count());
+  if (error.failure()) return error;
+  const float* bias = nullptr;
+  if (pass == 0) error = BiasOperand(what, extra_args, p.co, &bias);
+  if (pass == 2) error = SumBiasGradient(what, extra_rets, b.typed_data(), rows, p.co);
+  if (error.failure()) return error;
+  if (pass == 0) FillRows(bias, rows, p.co, out->typed_data());  // the product adds to it
+  if (rows == 0 || p.co == 0 || depth == 0) {  // nothing to multiply: zero gradients
+    if (pass != 0) std::memset(out->untyped_data(), 0, out->size_bytes());
+    return Error::Success();
+  }
   PooledBlock cols(rows * depth * sizeof(float));
   float* cols_data = static_cast<float*>(cols.block.ptr);
-  if (pass == 0) {
-    auto bias = extra_args.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
-    if (bias.has_error()) return bias.error();
-    if (static_cast<int64_t>(bias->element_count()) != p.co) {
-      return Error::InvalidArgument("patches convolution: the bias must have Co elements");
-    }
-    float* y = out->typed_data();
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * p.co, bias->typed_data(), p.co * 4);
-    GatherRows(g, p.n, p.ci, a.typed_data(), cols_data);
-    return Sgemm('N', 'N', rows, p.co, depth, cols_data, depth, b.typed_data(), p.co, 1.0f, y);
-  }
   if (pass == 1) {
     error = Sgemm('N', 'T', rows, depth, p.co, a.typed_data(), p.co, b.typed_data(), p.co, 0.0f,
-                  cols_data);
+                  cols_data, depth);
     if (error.failure()) return error;
     ScatterAddRows(g, p.n, p.ci, cols_data, out->typed_data());
     return Error::Success();
   }
-  auto dbias = extra_rets.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
-  if (dbias.has_error()) return dbias.error();
-  if (static_cast<int64_t>((*dbias)->element_count()) != p.co) {
-    return Error::InvalidArgument("patches convolution: the bias gradient must have Co elements");
-  }
-  float* db = (*dbias)->typed_data();
-  const float* dy = b.typed_data();
-  std::memset(db, 0, p.co * sizeof(float));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < p.co; ++c) db[c] += dy[r * p.co + c];
   GatherRows(g, p.n, p.ci, a.typed_data(), cols_data);
-  return Sgemm('T', 'N', depth, p.co, rows, cols_data, depth, dy, p.co, 0.0f, out->typed_data());
+  if (pass == 0) {
+    return Sgemm('N', 'N', rows, p.co, depth, cols_data, depth, b.typed_data(), p.co, 1.0f,
+                 out->typed_data(), p.co);
+  }
+  return Sgemm('T', 'N', depth, p.co, rows, cols_data, depth, b.typed_data(), p.co, 0.0f,
+               out->typed_data(), p.co);
 }
-
-}  // namespace
-
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmPatchesConvolution(
-    XLA_FFI_CallFrame* call_frame);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, Patches, ConvolutionBinding());
 
 // ---- Upsampling convolutions: each input voxel times each tap, then summed into the outputs. ----
 //
@@ -880,8 +922,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, Patches, ConvolutionBindin
 //
 //   pass 0: y = fold(x @ w_t) + bias;   pass 1: dx = sum over t of unfold(dy)_t @ w_t^T;
 //   pass 2: dw_t = x^T @ unfold(dy)_t, dbias = the sum of dy over its rows.
-
-namespace {
 
 // Along one spatial axis of length n (2n after upsampling), output o reads, through tap
 // t = 0, 1, 2, upsampled voxel o + t - 1, that is input voxel (o + t - 1) / 2 (none outside).
@@ -950,115 +990,109 @@ void UnfoldCotangent(const float* dy, int64_t n, const int64_t in[3], int64_t co
   UnfoldAxis(b, n * d * h, w, 9, co, out);
 }
 
-xla::ffi::Error SgemmLd(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a,
-                        int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                        int64_t ldc) {
-  dnnl_status_t s = g_dnnl->sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
-  if (s != 0) return xla::ffi::Error::Internal(Status("sgemm", s));
-  return xla::ffi::Error::Success();
-}
-
-xla::ffi::Error Upsample(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::ffi::F32> b,
-                         xla::ffi::RemainingArgs extra_args,
+xla::ffi::Error Upsample(const char* what, int64_t pass, const Problem& p, F32Buffer a,
+                         F32Buffer b, xla::ffi::RemainingArgs extra_args,
                          xla::ffi::ResultBuffer<xla::ffi::F32> out,
-                         xla::ffi::RemainingRets extra_rets, int64_t pass, int64_t blocked,
-                         int64_t kernel_ready, xla::ffi::Span<const int64_t> x_shape,
-                         xla::ffi::Span<const int64_t> kernel_shape,
-                         xla::ffi::Span<const int64_t> y_shape,
-                         xla::ffi::Span<const int64_t> strides,
-                         xla::ffi::Span<const int64_t> pad_lo,
-                         xla::ffi::Span<const int64_t> pad_hi) {
+                         xla::ffi::RemainingRets extra_rets) {
   using xla::ffi::Error;
-  if (g_dnnl == nullptr) {
-    return Error::Internal("upsampling convolution called before BldmOnednnLoad");
-  }
-  if (blocked || kernel_ready) {
-    return Error::InvalidArgument("upsampling convolution: blocked and kernel_ready must be 0");
-  }
-  Problem p;
-  Error error =
-      MakeProblem(pass, 0, x_shape, kernel_shape, y_shape, strides, pad_lo, pad_hi, &p);
-  if (error.failure()) return error;
   bool upsampling = p.nsp() == 3;
   for (int i = 0; upsampling && i < 3; ++i) {
     upsampling = p.k_sp[i] == 3 && p.strides[i] == 1 && p.pad_lo[i] == 1 && p.pad_hi[i] == 1 &&
                  p.out_sp[i] == 2 * p.in_sp[i];
   }
-  if (!upsampling || kernel_shape[3] != p.ci || y_shape[0] != p.n) {
+  if (!upsampling) {
     return Error::InvalidArgument(
         "upsampling convolution: takes a 3x3x3 kernel, strides 1, padding 1 and an output twice "
         "the input's size");
   }
   const int64_t in[3] = {p.in_sp[0], p.in_sp[1], p.in_sp[2]};
   const int64_t rows = p.n * in[0] * in[1] * in[2], taps = 27;
-  const int64_t x_size = rows * p.ci, y_size = rows * 8 * p.co, k_size = taps * p.ci * p.co;
-  const int64_t sizes[3][3] = {{x_size, k_size, y_size}, {y_size, k_size, x_size},
-                               {x_size, y_size, k_size}};
-  if (static_cast<int64_t>(a.element_count()) != sizes[pass][0] ||
-      static_cast<int64_t>(b.element_count()) != sizes[pass][1] ||
-      static_cast<int64_t>(out->element_count()) != sizes[pass][2]) {
-    return Error::InvalidArgument("upsampling convolution: operand sizes do not match the problem");
-  }
-  if (pass == 2) {
-    auto dbias = extra_rets.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
-    if (dbias.has_error()) return dbias.error();
-    if (static_cast<int64_t>((*dbias)->element_count()) != p.co) {
-      return Error::InvalidArgument(
-          "upsampling convolution: the bias gradient must have Co elements");
+  Error error = CheckSizes(what, pass, rows * p.ci, taps * p.ci * p.co, rows * 8 * p.co,
+                     a.element_count(), b.element_count(), out->element_count());
+  if (error.failure()) return error;
+  const float* bias = nullptr;
+  if (pass == 0) error = BiasOperand(what, extra_args, p.co, &bias);
+  if (pass == 2) error = SumBiasGradient(what, extra_rets, b.typed_data(), rows * 8, p.co);
+  if (error.failure()) return error;
+  if (rows == 0 || p.co == 0 || p.ci == 0) {  // nothing to multiply: the bias, zero gradients
+    if (pass == 0) {
+      FillRows(bias, rows * 8, p.co, out->typed_data());
+    } else {
+      std::memset(out->untyped_data(), 0, out->size_bytes());
     }
-    float* db = (*dbias)->typed_data();
-    const float* dy = b.typed_data();
-    std::memset(db, 0, p.co * sizeof(float));
-    for (int64_t r = 0; r < rows * 8; ++r)
-      for (int64_t c = 0; c < p.co; ++c) db[c] += dy[r * p.co + c];
-  }
-  if (rows == 0 || p.co == 0) return Error::Success();
-  if (p.ci == 0) {
-    if (pass == 0) return Error::InvalidArgument("upsampling convolution: Ci must be positive");
     return Error::Success();
   }
   PooledBlock products(rows * taps * p.co * sizeof(float));
   float* per_tap = static_cast<float*>(products.block.ptr);
-  const float* w = pass == 2 ? nullptr : b.typed_data();
   if (pass == 0) {
-    auto bias = extra_args.get<xla::ffi::Buffer<xla::ffi::F32>>(0);
-    if (bias.has_error()) return bias.error();
-    if (static_cast<int64_t>(bias->element_count()) != p.co) {
-      return Error::InvalidArgument("upsampling convolution: the bias must have Co elements");
-    }
     for (int64_t t = 0; t < taps; ++t) {
-      error = SgemmLd('N', 'N', rows, p.co, p.ci, a.typed_data(), p.ci, w + t * p.ci * p.co,
-                      p.co, 0.0f, per_tap + t * p.co, taps * p.co);
+      error = Sgemm('N', 'N', rows, p.co, p.ci, a.typed_data(), p.ci,
+                    b.typed_data() + t * p.ci * p.co, p.co, 0.0f, per_tap + t * p.co,
+                    taps * p.co);
       if (error.failure()) return error;
     }
-    FoldProducts(per_tap, p.n, in, p.co, bias->typed_data(), out->typed_data());
+    FoldProducts(per_tap, p.n, in, p.co, bias, out->typed_data());
     return Error::Success();
   }
   UnfoldCotangent(pass == 1 ? a.typed_data() : b.typed_data(), p.n, in, p.co, per_tap);
   for (int64_t t = 0; t < taps; ++t) {
-    error = pass == 1
-                ? SgemmLd('N', 'T', rows, p.ci, p.co, per_tap + t * p.co, taps * p.co,
-                          w + t * p.ci * p.co, p.co, t ? 1.0f : 0.0f, out->typed_data(), p.ci)
-                : SgemmLd('T', 'N', p.ci, p.co, rows, a.typed_data(), p.ci, per_tap + t * p.co,
-                          taps * p.co, 0.0f, out->typed_data() + t * p.ci * p.co, p.co);
+    error = pass == 1 ? Sgemm('N', 'T', rows, p.ci, p.co, per_tap + t * p.co, taps * p.co,
+                              b.typed_data() + t * p.ci * p.co, p.co, t ? 1.0f : 0.0f,
+                              out->typed_data(), p.ci)
+                      : Sgemm('T', 'N', p.ci, p.co, rows, a.typed_data(), p.ci,
+                              per_tap + t * p.co, taps * p.co, 0.0f,
+                              out->typed_data() + t * p.ci * p.co, p.co);
     if (error.failure()) return error;
   }
   return Error::Success();
 }
 
+using SgemmPasses = xla::ffi::Error (*)(const char*, int64_t, const Problem&, F32Buffer,
+                                        F32Buffer, xla::ffi::RemainingArgs,
+                                        xla::ffi::ResultBuffer<xla::ffi::F32>,
+                                        xla::ffi::RemainingRets);
+
+// The handler over `passes` (Patches or Upsample): the convolution handlers' binding.
+template <SgemmPasses passes>
+xla::ffi::Error SgemmConvolution(F32Buffer a, F32Buffer b, xla::ffi::RemainingArgs extra_args,
+                                 xla::ffi::ResultBuffer<xla::ffi::F32> out,
+                                 xla::ffi::RemainingRets extra_rets, int64_t pass,
+                                 int64_t blocked, int64_t kernel_ready,
+                                 xla::ffi::Span<const int64_t> x_shape,
+                                 xla::ffi::Span<const int64_t> kernel_shape,
+                                 xla::ffi::Span<const int64_t> y_shape,
+                                 xla::ffi::Span<const int64_t> strides,
+                                 xla::ffi::Span<const int64_t> pad_lo,
+                                 xla::ffi::Span<const int64_t> pad_hi) {
+  const char* what = passes == Patches ? "patches convolution" : "upsampling convolution";
+  Problem p;
+  xla::ffi::Error error = SgemmProblem(what, pass, blocked, kernel_ready, x_shape, kernel_shape,
+                                       y_shape, strides, pad_lo, pad_hi, &p);
+  if (error.failure()) return error;
+  return passes(what, pass, p, a, b, extra_args, out, extra_rets);
+}
+
 }  // namespace
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmPatchesConvolution(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, SgemmConvolution<Patches>,
+                              ConvolutionBinding());
 
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmUpsampleConvolution(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmUpsampleConvolution, Upsample, ConvolutionBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmUpsampleConvolution, SgemmConvolution<Upsample>,
+                              ConvolutionBinding());
 
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
 // Probe: the first element of each example of x, as float32 (B,). An ordering tool for
-// hand-scheduled backward passes (`layers.after`). A value tied to this probe cannot be computed before x exists in memory, because XLA cannot fuse
-// x's producer into a custom call. A tie through a plain slice of x does not hold: XLA fuses
-// the slice with x's producer and computes that one element from x's inputs, keeping them alive.
+// hand-scheduled backward passes (`layers.after`). A value tied to this probe cannot be computed
+// before x exists in memory, because XLA cannot fuse x's producer into a custom call. A tie
+// through a plain slice of x does not hold: XLA fuses the slice with x's producer and computes
+// that one element from x's inputs, keeping them alive.
 
 namespace {
 
