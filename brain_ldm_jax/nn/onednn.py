@@ -218,8 +218,8 @@ def hlo_flops(hlo_text: str) -> float:
 
   XLA's cost analysis counts a custom call as zero FLOPs; add this to it. Each convolution pass
   (forward, input gradient, kernel gradient) is 2 * output voxels * kernel volume * Cin * Cout
-  (input voxels for `upsample2_conv`),
-  each matmul 2 * result elements * contraction; a call inside a loop body is counted once.
+  (input voxels for `upsample2_conv`), each matmul 2 * result elements * contraction; a call
+  inside a loop body is counted once.
   """
   total = 0.0
   for line in hlo_text.splitlines():
