@@ -88,10 +88,18 @@ def set_threads(threads: int) -> int:
   return threads
 
 
-def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
-  """{name: median seconds}: each round calls every candidate once (after one warm-up each),
-  every other round in reverse order, so that a steady drift of the host's speed hits all alike
-  (two rounds: A B B A)."""
+class Timings(dict):
+  """{name: median seconds}, with every round's seconds in `rounds` ({name: [seconds]})."""
+
+  def __init__(self, rounds: dict):
+    super().__init__({name: statistics.median(ts) for name, ts in rounds.items()})
+    self.rounds = rounds
+
+
+def interleaved(fns: dict, repeats: int, warmup: bool = True) -> Timings:
+  """Each round calls every candidate once (after one warm-up each), every other round in
+  reverse order, so that a steady drift of the host's speed hits all alike (two rounds:
+  A B B A)."""
   for fn in fns.values() if warmup else ():
     fn()
     torch_sync()
@@ -102,7 +110,7 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
       fn()
       torch_sync()  # our calls block on their results themselves
       times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  return Timings(times)
 
 
 def torch_sync():
@@ -217,7 +225,14 @@ class Report:
     self.checks = []  # sampler checks and memory
     self.notes = []
 
-  def compare(self, case, unit_item, ours_s, monai_s, flops, gemm_s, note=""):
+  def compare(self, case, unit_item, times: Timings, flops, note=""):
+    """A row from `times` ("ours", "monai", "gemm"). Its note gets the range of the rounds'
+    own ratios (ours / MONAI in the same round): how far the host's drift moved them."""
+    ours_s, monai_s, gemm_s = times["ours"], times["monai"], times["gemm"]
+    per_round = [o / m for o, m in zip(times.rounds["ours"], times.rounds["monai"]) if m]
+    if len(per_round) > 1:
+      spread = f"rounds' ratios {min(per_round):.2f}–{max(per_round):.2f}"
+      note = f"{spread}; {note}" if note else spread
     peak = gemm_gflops(gemm_s)
     gf = flops / ours_s / 1e9 if np.isfinite(flops) else float("nan")
     gf_m = flops / monai_s / 1e9 if (np.isfinite(flops) and monai_s) else float("nan")
@@ -267,8 +282,7 @@ def case_unet(report, args, name, section, spatial, batch=1):
   times = interleaved({"gemm": gemm_fn(), "ours": lambda: compiled(variables, x, t, c)
                        .block_until_ready(), "monai": theirs}, args.repeats)
   n_params = sum(p.numel() for p in ref.parameters())
-  report.compare(name, f"forward, batch {batch}, {'×'.join(map(str, spatial))}", times["ours"],
-                 times["monai"], flops, times["gemm"],
+  report.compare(name, f"forward, batch {batch}, {'×'.join(map(str, spatial))}", times, flops,
                  f"ch={tuple(section.channels)}, {n_params / 1e6:.1f} M params, {section.dtype}; "
                  f"outputs' rel. L2 difference {rel:.1e}; compile {compile_s:.0f} s")
   return compiled
@@ -359,7 +373,7 @@ def case_ddim(report, args, demo: DemoSampling, name="DDIM-50 sample + decode (d
   ours, flops, compile_s = demo.ours_ddim
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": demo.monai_ddim},
                       repeats or args.repeats, warmup)
-  report.compare(name, "per volume (batch 1)", times["ours"], times["monai"], flops, times["gemm"],
+  report.compare(name, "per volume (batch 1)", times, flops,
                  f"{note}ours: api.make_sampler jitted (leading timesteps); flops = XLA's count + "
                  f"49 × one UNet call (XLA counts a scan body once); MONAI: Python loop over "
                  f"DDIMScheduler.step (linspace); compile {compile_s:.0f} s")
@@ -437,7 +451,7 @@ def _time_dpmpp(report, args, demo, n, why):
   ours, flops, compile_s = demo.ours_images("dpmpp_2m", n)
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": demo.monai_ddim}, args.repeats)
   report.compare(f"DPM++(2M)-{n} sample + decode vs MONAI DDIM-50 (demo)", "per volume (batch 1)",
-                 times["ours"], times["monai"], flops, times["gemm"],
+                 times, flops,
                  f"{why}; compile {compile_s:.0f} s")
   return n
 
@@ -533,7 +547,7 @@ def case_ae_step(report, args, config=None, name="autoencoder train step (demo)"
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": theirs}, args.repeats)
   report.compare(name,
                  f"batch {t.batch_size}, {'×'.join(map(str, config.data.shape))}",
-                 times["ours"], times["monai"], flops, times["gemm"],
+                 times, flops,
                  f"ch={tuple(config.autoencoder.channels)} + discriminator; "
                  f"{1 / times['ours']:.2f} vs {1 / times['monai']:.2f} steps/s; "
                  f"compile {compile_s:.0f} s")
@@ -592,8 +606,7 @@ def case_ldm_step(report, args, config=None, name="LDM train step (demo)"):
 
   times = interleaved({"gemm": gemm_fn(), "ours": ours, "monai": theirs}, args.repeats)
   report.compare(name,
-                 f"batch {b}, latent {'×'.join(map(str, zshape[:-1]))}", times["ours"],
-                 times["monai"], flops, times["gemm"],
+                 f"batch {b}, latent {'×'.join(map(str, zshape[:-1]))}", times, flops,
                  f"ε-MSE, Adam, EMA (both); {1 / times['ours']:.2f} vs "
                  f"{1 / times['monai']:.2f} steps/s; compile {compile_s:.0f} s")
   return compiled
@@ -622,7 +635,7 @@ def case_msssim(report, args, pairs: int = 8):
   times = interleaved({"gemm": gemm_fn(), "ours": lambda: compiled(xj, yj).block_until_ready(),
                        "monai": theirs}, args.repeats)
   report.compare("MS-SSIM 3D (demo volume)", f"{pairs} pairs, {'×'.join(map(str, shape))}, "
-                 f"{len(weights)} scales", times["ours"], times["monai"], flops, times["gemm"],
+                 f"{len(weights)} scales", times, flops,
                  f"{pairs / times['ours']:.1f} vs {pairs / times['monai']:.1f} pairs/s; "
                  f"max |diff| {diff:.1e}")
 
@@ -726,6 +739,9 @@ def markdown(report: Report, info: list[str], args, wall_s: float) -> str:
   lines += ["Notes:", "",
             "- ratio < 1: ours is faster. GFLOP/s = XLA cost-analysis flops of the compiled "
             "program / median time; the MONAI column divides the same count by MONAI's time.",
+            "- rounds' ratios: the lowest and highest of ours / MONAI within one round (the two "
+            "run back to back); their spread is how far the host's drift moved the ratio during "
+            "the run.",
             "- Weights: MONAI's initialisation (zero-initialised convolutions given random values) "
             "converted with nn/convert.py; timings do not depend on the values."]
   lines += [f"- {n}" for n in report.notes]
