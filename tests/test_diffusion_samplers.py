@@ -220,3 +220,51 @@ def test_sample_refuses_options_the_sampler_does_not_have():
     diffusion.sample(net, x_T, None, schedule, sampler="ddim", num_steps=10, eta=0.5)
   with pytest.raises(ValueError, match="eta"):
     diffusion.sample(net, x_T, keys, schedule, sampler="ddim", num_steps=10, eta=1.5)
+
+
+@pytest.mark.parametrize("num_steps,eta,prediction_type,clip_sample,set_alpha_to_one,offset", [
+    (50, 0.0, "epsilon", False, True, 0),  # the published bundle's scheduler and step count
+    (10, 0.7, "v_prediction", True, False, 1),
+    (7, 1.0, "sample", False, True, 0),  # 1000 // 7 does not divide T
+    (250, 0.0, "epsilon", False, False, 5),  # the last step lands on t = 1 >= 0, not the end
+])
+def test_ddim_monai_rule_equals_monai_default_scheduler(ref, monkeypatch, num_steps, eta,
+                                                       prediction_type, clip_sample,
+                                                       set_alpha_to_one, offset):
+  """MONAI 1.6's DDIMScheduler as it comes: its own set_timesteps listing and step()."""
+  _, schedulers = ref
+  sched = schedulers.DDIMScheduler(T, PAPER["name"], beta_start=PAPER["beta_start"],
+                                   beta_end=PAPER["beta_end"], clip_sample=clip_sample,
+                                   set_alpha_to_one=set_alpha_to_one, steps_offset=offset,
+                                   prediction_type=prediction_type)
+  sched.set_timesteps(num_steps)
+  x_T, keys = _inputs(5)
+  want, draws = _monai_loop(ref, monkeypatch, sched, schedulers.ddim, sched.timesteps.numpy(),
+                            x_T, keys, eta=eta)
+  assert draws == (num_steps if eta > 0 else 0)
+  options = dict(num_steps=num_steps, eta=eta, prediction_type=prediction_type,
+                 clip_sample=clip_sample, set_alpha_to_one=set_alpha_to_one, steps_offset=offset)
+  keys = None if eta == 0 else keys
+  got = _jitted("ddim", timestep_spacing="monai", **options)(x_T, keys)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if num_steps == 50:  # the rule matters: stepping between listed timesteps ends elsewhere
+    between = _jitted("ddim", timestep_spacing="linspace", **options)(x_T, keys)
+    assert float(jnp.max(jnp.abs(between - want))) > 1e-3
+
+
+def test_monai_ddim_rule_lists_monai_timesteps_and_steps_by_t_over_n():
+  ts, previous = diffusion.ddim_transitions(T, 50, "monai")
+  np.testing.assert_array_equal(ts[:4], [999, 979, 958, 938])
+  np.testing.assert_array_equal(previous[:4], [979, 959, 938, 918])
+  assert previous[-1] == -20  # below 0: the scheduler's final alpha
+  ts, previous = diffusion.ddim_transitions(T, 50, "leading")
+  np.testing.assert_array_equal(previous, np.append(ts[1:], -1))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+def test_monai_ddim_rule_is_refused_by_other_samplers(sampler):
+  schedule = diffusion.make_schedule(**PAPER)
+  x_T, keys = _inputs()
+  with pytest.raises(ValueError, match="sampling.timestep_spacing='monai'"):
+    diffusion.sample(net_jax(schedule, "epsilon"), x_T, keys, schedule, sampler=sampler,
+                     num_steps=10, timestep_spacing="monai")

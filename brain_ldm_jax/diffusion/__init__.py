@@ -14,6 +14,7 @@ from brain_ldm_jax.diffusion.samplers import SAMPLERS
 from brain_ldm_jax.diffusion.samplers import TIMESTEP_SPACINGS
 from brain_ldm_jax.diffusion.samplers import ddim_sample
 from brain_ldm_jax.diffusion.samplers import ddim_timesteps
+from brain_ldm_jax.diffusion.samplers import ddim_transitions
 from brain_ldm_jax.diffusion.samplers import ddpm_sample
 from brain_ldm_jax.diffusion.samplers import dpmpp_2m_sample
 from brain_ldm_jax.diffusion.samplers import sample

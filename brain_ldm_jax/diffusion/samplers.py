@@ -19,7 +19,8 @@ Conventions:
     (DDIM with eta = 0, DPM-Solver++) never touch the keys; they may be None.
   * Timesteps run from high to low; each step goes from `timesteps[j]` to `timesteps[j + 1]`
     (the next listed timestep, i.e. the math), and the last step goes to the clean end point
-    ᾱ = 1 (or ᾱ_0 when `set_alpha_to_one=False`, as MONAI's DDIM option).
+    ᾱ = 1 (or ᾱ_0 when `set_alpha_to_one=False`, as MONAI's DDIM option). The one exception is
+    DDIM's "monai" rule (`ddim_transitions`), which reproduces MONAI 1.6's `DDIMScheduler`.
   * The state is carried in float32 whatever x_T's dtype: a bf16 state would lose the small
     per-step updates of a 1000-step chain.
 """
@@ -37,7 +38,10 @@ from brain_ldm_jax.errors import ConfigError
 from brain_ldm_jax.diffusion.schedules import Schedule, log_snr, torch_linspace
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-TIMESTEP_SPACINGS = ("leading", "linspace", "quadratic")
+# "monai" is not a spacing of its own but MONAI 1.6's DDIM rule (see `ddim_transitions`): the
+# "linspace" listing, stepped t -> t - T // N. Only the DDIM sampler has it.
+MONAI_DDIM_RULE = "monai"
+TIMESTEP_SPACINGS = ("leading", "linspace", "quadratic", MONAI_DDIM_RULE)
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -63,12 +67,15 @@ def ddim_timesteps(
       where rounding would repeat a timestep. The default of `dpmpp_2m_sample`: on a Gaussian toy
       problem its 20-step error is >10× smaller than with uniform timesteps, whose last step
       spans a λ interval of ~2.
+    * "monai": the "linspace" listing; as a DDIM rule it also changes where each step goes (see
+      `ddim_transitions`).
 
   Note for users comparing with MONAI 1.6's default DDIM (linspace listing): MONAI's `step()`
   still jumps t → t − T // N, not to the next listed timestep, so it evaluates the network at
   999, 979, 958, … but moves the state to 979, 959, 938, …. Our samplers always step to the next
   listed timestep, so on "linspace" they differ from MONAI 1.6's default unless N divides T and
   the rounding lines up. On "leading" (the paper's, where MONAI is self-consistent) they agree.
+  The DDIM sampler's "monai" rule does what MONAI 1.6 does, for users who need its output.
 
   Args:
     num_train_timesteps: T.
@@ -87,7 +94,7 @@ def ddim_timesteps(
     raise ValueError(f"steps_offset must be in [0, {t}), got {steps_offset}.")
   if spacing == "leading":
     ts = np.arange(n)[::-1] * (t // n) + steps_offset
-  elif spacing == "linspace":
+  elif spacing in ("linspace", MONAI_DDIM_RULE):
     ts = np.round(torch_linspace(t - 1 - steps_offset, 0, n)).astype(np.int64) + steps_offset
   elif spacing == "quadratic":
     top = t - 1 - steps_offset
@@ -107,15 +114,54 @@ def ddim_timesteps(
   return ts.astype(np.int32)
 
 
+def ddim_transitions(
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps, previous): DDIM step j evaluates the network at timesteps[j] and moves to previous[j].
+
+  For every spacing but "monai", previous[j] is the next listed timestep (−1 after the last: the
+  end point, ᾱ = `final`). "monai" is MONAI 1.6's `DDIMScheduler` as it is: `set_timesteps` lists
+  the "linspace" timesteps (999, 979, 958, … for N = 50) while `step()` moves the state from t to
+  t − T // N (999 → 979, 979 → 959, 958 → 938, …), so the state and the timestep the network is
+  told disagree by up to a step; a previous timestep below 0 takes MONAI's final ᾱ (1, or ᾱ_0
+  with `set_alpha_to_one=False`). Not the default: it is offered to reproduce MONAI's output
+  (e.g. the published bundle's sampler) from the same weights and noise.
+
+  Returns:
+    two (N,) int32 arrays; a negative previous timestep means the end point.
+  """
+  ts = ddim_timesteps(num_train_timesteps, num_inference_steps, spacing, steps_offset)
+  if spacing == MONAI_DDIM_RULE:
+    previous = ts - num_train_timesteps // num_inference_steps
+  else:
+    previous = np.append(ts[1:], -1)
+  return ts, previous.astype(np.int32)
+
+
+def _no_monai_rule(spacing: str, sampler: str) -> None:
+  if spacing == MONAI_DDIM_RULE:
+    raise ConfigError(f"sampling.timestep_spacing={spacing!r} is MONAI 1.6's DDIM stepping rule; "
+                      f"the {sampler} sampler does not have it (use 'linspace' for MONAI's "
+                      "listing, or sampler 'ddim')")
+
+
 def step_noise(keys: jax.Array, step: jnp.ndarray, shape, dtype=jnp.float32) -> jnp.ndarray:
   """The noise of step `step` for each sample: normal(fold_in(keys[b], step), shape)."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape, dtype))(keys)
 
 
-def _steps(ts: np.ndarray):
-  """Scan inputs: step index, current timestep, next timestep (−1 = the clean end point)."""
-  nxt = np.append(ts[1:], -1).astype(np.int32)
-  return (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(nxt))
+def _steps(ts: np.ndarray, previous: Optional[np.ndarray] = None):
+  """Scan inputs: step index, current timestep, where the step goes (< 0: the clean end point).
+
+  `previous` defaults to the next listed timestep (see `ddim_transitions`).
+  """
+  if previous is None:
+    previous = np.append(ts[1:], -1)
+  return (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts),
+          jnp.asarray(previous.astype(np.int32)))
 
 
 def _alpha_cumprod_at(schedule: Schedule, t: jnp.ndarray, final: jnp.ndarray) -> jnp.ndarray:
@@ -195,6 +241,7 @@ def ddpm_sample(
   check_prediction_type(prediction_type)
   if variance_type not in VARIANCE_TYPES:
     raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}.")
+  _no_monai_rule(timestep_spacing, "ddpm")
   T = schedule.num_train_timesteps
   ts = ddim_timesteps(T, T if num_steps is None else num_steps, timestep_spacing, steps_offset)
   x = _prepare(x_T, keys, True, "ddpm")
@@ -242,8 +289,9 @@ def ddim_sample(
 ) -> jnp.ndarray:
   """DDIM (Song et al. 2021, eq. 12 and 16) as MONAI's `DDIMScheduler.step`.
 
-  Each step goes from the listed timestep t to the next listed one (see `ddim_timesteps` for
-  how this relates to MONAI 1.6's default "linspace" listing, whose `step()` jumps by T // N).
+  Each step goes from the listed timestep t to the next listed one, except with
+  `timestep_spacing="monai"`, MONAI 1.6's own rule (t → t − T // N on the "linspace" listing;
+  see `ddim_transitions`), which reproduces a loop over its default `DDIMScheduler`.
 
   Args:
     denoise_fn: `(x, t) -> model_output`, see the module docstring.
@@ -256,7 +304,8 @@ def ddim_sample(
     prediction_type: "epsilon", "sample" or "v_prediction".
     clip_sample: clip x̂_0 to `clip_sample_range` (ε̂ is not recomputed, as in MONAI).
     clip_sample_range: (min, max) for `clip_sample`.
-    timestep_spacing: "leading" (the paper, MONAI GenerativeModels), "linspace", "quadratic".
+    timestep_spacing: "leading" (the paper, MONAI GenerativeModels), "linspace", "quadratic",
+      or "monai" (MONAI 1.6's DDIMScheduler: linspace listing, steps of T // N).
     steps_offset: MONAI's `steps_offset`.
     set_alpha_to_one: MONAI's option: ᾱ after the last step is 1, else ᾱ_0.
 
@@ -266,7 +315,8 @@ def ddim_sample(
   check_prediction_type(prediction_type)
   if not 0.0 <= eta <= 1.0:
     raise ConfigError(f"sampling.eta must be in [0, 1], got {eta}.")
-  ts = ddim_timesteps(schedule.num_train_timesteps, num_steps, timestep_spacing, steps_offset)
+  ts, previous = ddim_transitions(schedule.num_train_timesteps, num_steps, timestep_spacing,
+                                  steps_offset)
   x = _prepare(x_T, keys, eta > 0, "ddim with eta > 0")
   final = _final_alpha_cumprod(schedule, set_alpha_to_one)
 
@@ -286,7 +336,7 @@ def ddim_sample(
       x_s = x_s + jnp.sqrt(1.0 - ac_s) * eps
     return x_s, None
 
-  x, _ = jax.lax.scan(body, x, _steps(ts))
+  x, _ = jax.lax.scan(body, x, _steps(ts, previous))
   return x
 
 
@@ -333,6 +383,7 @@ def dpmpp_2m_sample(
     (B, ...) float32 samples.
   """
   check_prediction_type(prediction_type)
+  _no_monai_rule(timestep_spacing, "dpmpp_2m")
   ts = ddim_timesteps(schedule.num_train_timesteps, num_steps, timestep_spacing, steps_offset)
   x = _prepare(x_T, None, False, "dpmpp_2m")
   final = _final_alpha_cumprod(schedule, set_alpha_to_one)
