@@ -5,8 +5,8 @@ to the next through the network's (x̂_0, ε̂). Run backwards along the same ti
 a clean latent x_0 to the noise x_T from which the sampler regenerates it; sampling from that
 noise under other covariates gives the same subject with those covariates changed.
 
-A sampler step from timestep t (state level ᾱ_t) to the next listed timestep s evaluates the
-network at (x_t, t). Its inverse, from s up to t, evaluates the network at (x_s, t): the same
+A sampler step from timestep t (state level ᾱ_t) to the next timestep s evaluates the network at
+(x_t, t). Its inverse, from s up to t, evaluates the network at (x_s, t): the same
 timestep label, at the state it has (x_t is not known yet). Apart from that single substitution
 each inverse step is the sampler step's exact algebraic inverse, so
 
@@ -22,16 +22,15 @@ Everything here is deterministic (no noise, no PRNG keys) and pure: `jax.jit` of
 the network once; each direction is one `lax.scan`.
 
 Conventions as in `samplers`: `denoise_fn(x, t) -> model_output` with t a scalar int32 array; the
-timestep list is `samplers.ddim_timesteps` and the clean end point ᾱ is 1 (or ᾱ_0 with
-`set_alpha_to_one=False`), so `ddim_regenerate` at strength 1 is `samplers.ddim_sample` with
-eta = 0 step for step.
+steps are `samplers.ddim_transitions` (the timestep list and where each step goes) and the clean
+end point ᾱ is 1 (or ᾱ_0 with `set_alpha_to_one=False`), so `ddim_regenerate` at strength 1 is
+`samplers.ddim_sample` with eta = 0 step for step.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion.losses import check_prediction_type
@@ -64,8 +63,7 @@ def edit_timesteps(num_train_timesteps: int, num_steps: int, strength: float = 1
 
   The first entry is the timestep the inversion reaches (the noisiest state of the edit).
   """
-  ts = samplers.ddim_timesteps(num_train_timesteps, num_steps, timestep_spacing, steps_offset)
-  return ts[len(ts) - num_edit_steps(num_steps, strength):]
+  return _chain(num_train_timesteps, num_steps, strength, timestep_spacing, steps_offset)[0]
 
 
 def _check(prediction_type: str, clip_sample: bool) -> None:
@@ -86,10 +84,15 @@ def _move(model_output, x, ac_from, ac_to, prediction_type):
 
 
 def _chain(num_train_timesteps, num_steps, strength, timestep_spacing, steps_offset):
-  """(timesteps, next timesteps) of the edit's steps, high to low; −1 is the clean end point."""
-  ts = edit_timesteps(num_train_timesteps, num_steps, strength, timestep_spacing, steps_offset)
-  nxt = np.append(ts[1:], -1).astype(np.int32)
-  return ts, nxt
+  """The sampler's (timesteps, where each step goes) for the edit's steps, high to low.
+
+  A destination below 0 is the clean end point. Taken from `samplers.ddim_transitions`, so every
+  stepping rule the sampler has (MONAI's t -> t - T // N included) is inverted step for step.
+  """
+  ts, previous = samplers.ddim_transitions(num_train_timesteps, num_steps, timestep_spacing,
+                                           steps_offset)
+  k = num_edit_steps(num_steps, strength)
+  return ts[len(ts) - k:], previous[len(ts) - k:]
 
 
 def ddim_invert(
@@ -125,8 +128,8 @@ def ddim_invert(
     (B, ...) float32 state at timestep `edit_timesteps(...)[0]`.
   """
   _check(prediction_type, clip_sample)
-  ts, nxt = _chain(schedule.num_train_timesteps, num_steps, strength, timestep_spacing,
-                   steps_offset)
+  ts, previous = _chain(schedule.num_train_timesteps, num_steps, strength, timestep_spacing,
+                        steps_offset)
   final = _final_alpha_cumprod(schedule, set_alpha_to_one)
   x = x_0.astype(jnp.promote_types(x_0.dtype, jnp.float32))
 
@@ -136,7 +139,7 @@ def ddim_invert(
     ac_t = schedule.alphas_cumprod[t]
     return _move(_model_output(denoise_fn, x, t), x, ac_s, ac_t, prediction_type), None
 
-  x, _ = jax.lax.scan(body, x, (jnp.asarray(ts[::-1]), jnp.asarray(nxt[::-1])))
+  x, _ = jax.lax.scan(body, x, (jnp.asarray(ts[::-1]), jnp.asarray(previous[::-1])))
   return x
 
 
@@ -159,8 +162,8 @@ def ddim_regenerate(
   intermediate timestep the inversion reached. Options as `ddim_invert`.
   """
   _check(prediction_type, clip_sample)
-  ts, nxt = _chain(schedule.num_train_timesteps, num_steps, strength, timestep_spacing,
-                   steps_offset)
+  ts, previous = _chain(schedule.num_train_timesteps, num_steps, strength, timestep_spacing,
+                        steps_offset)
   final = _final_alpha_cumprod(schedule, set_alpha_to_one)
   x = x_t.astype(jnp.promote_types(x_t.dtype, jnp.float32))
 
@@ -170,7 +173,7 @@ def ddim_regenerate(
     ac_s = _alpha_cumprod_at(schedule, s, final)
     return _move(_model_output(denoise_fn, x, t), x, ac_t, ac_s, prediction_type), None
 
-  x, _ = jax.lax.scan(body, x, (jnp.asarray(ts), jnp.asarray(nxt)))
+  x, _ = jax.lax.scan(body, x, (jnp.asarray(ts), jnp.asarray(previous)))
   return x
 
 
