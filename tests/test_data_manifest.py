@@ -76,8 +76,27 @@ def test_missing_tsv(tmp_path):
 
 def test_missing_column(tmp_path):
   (tmp_path / "participants.tsv").write_text("participant_id\tage\tsex\nsub-1\t60\tM\n")
-  with pytest.raises(DataError, match="missing column 'ventricular_volume'"):
+  with pytest.raises(DataError, match="missing columns 'ventricular_volume', 'brain_volume'"):
     manifest.load_cohort(_config(tmp_path))
+
+
+def test_every_bad_row_in_one_message(tmp_path):
+  rows = [list(r) for r in ROWS]
+  rows[0][2] = "X"  # unknown sex code
+  rows[1][1], rows[1][3] = "sixty", "n/a"  # two problems in one row
+  _bids(tmp_path, rows + [list(ROWS[3])])  # sub-04 twice
+  with pytest.raises(DataError) as e:
+    manifest.load_cohort(_config(tmp_path))
+  lines = str(e.value).splitlines()
+  assert "3 of 4 subjects have problems (4 in all)" in lines[0]
+  assert "data.skip_bad_subjects=True" in lines[0]
+  assert lines[1:] == ["  subject sub-01 has sex='X'; use M/F, male/female or 1/0",
+                       "  subject sub-02 has non-numeric age='sixty'",
+                       "  subject sub-02 has no value in column 'ventricular_volume'; fill it in "
+                       "or remove the subject",
+                       "  participant_id sub-04 appears twice (lines 5 and 6); keep one row"]
+  cohort = manifest.read_cohort(_config(tmp_path))
+  assert [s.participant_id for s in cohort.good_subjects()] == ["sub-03"]
 
 
 @pytest.mark.parametrize("value,message", [("n/a", "subject sub-02 has no value in column 'age'"),

@@ -57,21 +57,21 @@ def _read_tsv(path: str) -> tuple[list[str], list[dict[str, str]]]:
   return columns, rows
 
 
-def parse_covariate(name: str, text: str, subject: str, path: str) -> float:
+def parse_covariate(name: str, text: str, subject: str) -> float:
   """One covariate cell as a float; `sex` also accepts M/F/male/female."""
   if text.lower() in MISSING:
-    raise DataError(f"{path}: subject {subject} has no value in column {name!r}; fill it in or "
-                    "remove the subject")
+    raise DataError(f"subject {subject} has no value in column {name!r}; fill it in or remove "
+                    "the subject")
   if name == "sex":
     if text.lower() in SEX_CODES:
       return SEX_CODES[text.lower()]
-    raise DataError(f"{path}: subject {subject} has sex={text!r}; use M/F, male/female or 1/0")
+    raise DataError(f"subject {subject} has sex={text!r}; use M/F, male/female or 1/0")
   try:
     value = float(text)
   except ValueError:
-    raise DataError(f"{path}: subject {subject} has non-numeric {name}={text!r}") from None
+    raise DataError(f"subject {subject} has non-numeric {name}={text!r}") from None
   if not np.isfinite(value):
-    raise DataError(f"{path}: subject {subject} has non-finite {name}={text!r}")
+    raise DataError(f"subject {subject} has non-finite {name}={text!r}")
   return value
 
 
@@ -90,46 +90,106 @@ def _image_path(row: dict[str, str], sid: str, path: str, root: str, image_colum
   if image_column:
     image = row.get(image_column, "")
     if image.lower() in MISSING:
-      raise DataError(f"{path}: subject {sid} has no image in column {image_column!r}")
+      raise DataError(f"subject {sid} has no image in column {image_column!r}")
     image = image if os.path.isabs(image) else os.path.join(os.path.dirname(path), image)
     if not os.path.isfile(image):
-      raise DataError(f"{path}: subject {sid}: image {image} (column {image_column!r}) not found")
+      raise DataError(f"subject {sid}: image {image} (column {image_column!r}) not found")
     return image
   image = find_bids_image(root, sid)
   if image is None:
-    raise DataError(f"{path}: subject {sid}: no image at {root}/{sid}/anat/{sid}*_T1w.nii[.gz]; "
-                    "add it, remove the subject, or set data.image_column")
+    raise DataError(f"subject {sid}: no image at {root}/{sid}/anat/{sid}*_T1w.nii[.gz]; add it, "
+                    "remove the subject, or set data.image_column")
   return image
 
 
-def load_cohort(data_config) -> list[Subject]:
-  """Subjects of the configured participants.tsv with their images and covariates."""
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One thing wrong with one subject (its participant_id, or the table line that has none)."""
+  subject: str
+  message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+  """A table's complete subjects and every problem found in it."""
+  tsv: str
+  subjects: list[Subject]
+  problems: list[Problem]
+  num_subjects: int  # distinct participant_ids (and rows without one)
+
+  def bad_subjects(self) -> set[str]:
+    return {p.subject for p in self.problems}
+
+  def good_subjects(self) -> list[Subject]:
+    """Subjects without any problem (a duplicated id drops all of its rows)."""
+    bad = self.bad_subjects()
+    return [s for s in self.subjects if s.participant_id not in bad]
+
+  def report(self) -> str:
+    """Every problem, one per line, under a line that says what to do."""
+    lines = [f"{self.tsv}: {len(self.bad_subjects())} of {self.num_subjects} subjects have problems "
+             f"({len(self.problems)} in all); fix them, or set data.skip_bad_subjects=True to "
+             "leave these subjects out:"]
+    lines += [f"  {p.message}" for p in self.problems]
+    return "\n".join(lines)
+
+
+def read_cohort(data_config) -> Cohort:
+  """The configured participants.tsv: its complete subjects and every problem of its rows.
+
+  A table that cannot be used at all (not found, columns missing, no rows) raises DataError.
+  """
   path = tsv_path(data_config)
   columns, rows = _read_tsv(path)
   covariates = tuple(data_config.covariates)
   image_column = data_config.image_column
-  for column in ("participant_id", *covariates, *([image_column] if image_column else [])):
-    if column not in columns:
-      raise DataError(f"{path}: missing column {column!r} (columns: {', '.join(columns)})")
+  missing = [c for c in ("participant_id", *covariates, *([image_column] if image_column else []))
+             if c not in columns]
+  if missing:
+    raise DataError(f"{path}: missing column{'s' * (len(missing) > 1)} "
+                    f"{', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
   if not rows:
     raise DataError(f"{path}: has no subjects")
   root = data_config.data_dir or os.path.dirname(path)
-  subjects, seen = [], set()
+  subjects, problems, first_line = [], [], {}
   for line, row in enumerate(rows, start=2):
     sid = row["participant_id"]
     if not sid:
-      raise DataError(f"{path}: line {line} has an empty participant_id")
+      problems.append(Problem(f"line {line}", f"line {line} has an empty participant_id"))
+      continue
     if not sid.startswith("sub-"):
       sid = f"sub-{sid}"  # BIDS ids carry the prefix; tables often drop it
-    if sid in seen:
-      raise DataError(f"{path}: participant_id {sid} appears twice")
-    seen.add(sid)
-    values = {name: parse_covariate(name, row[name], sid, path) for name in covariates}
+    if sid in first_line:
+      problems.append(Problem(sid, f"participant_id {sid} appears twice (lines "
+                                   f"{first_line[sid]} and {line}); keep one row"))
+      continue
+    first_line[sid] = line
+    values, row_problems = {}, []
+    for name in covariates:
+      try:
+        values[name] = parse_covariate(name, row[name], sid)
+      except DataError as e:
+        row_problems.append(str(e))
+    try:
+      image = _image_path(row, sid, path, root, image_column)
+    except DataError as e:
+      row_problems.append(str(e))
+    if row_problems:
+      problems.extend(Problem(sid, m) for m in row_problems)
+      continue
     extra = {k: v for k, v in row.items()
              if k not in ("participant_id", *covariates, image_column)}
-    image = _image_path(row, sid, path, root, image_column)
     subjects.append(Subject(sid, image, values, extra))
-  return subjects
+  unnamed = sum(p.subject.startswith("line ") for p in problems)
+  return Cohort(path, subjects, problems, len(first_line) + unnamed)
+
+
+def load_cohort(data_config) -> list[Subject]:
+  """Subjects of the configured participants.tsv; one DataError listing every bad row."""
+  cohort = read_cohort(data_config)
+  if cohort.problems:
+    raise DataError(cohort.report())
+  return cohort.subjects
 
 
 def _rank(participant_id: str, seed: int) -> str:

@@ -1,8 +1,13 @@
 """NIfTI I/O and the preprocessing every volume goes through (nibabel + scipy).
 
-`load_volume` turns any 3D NIfTI into the model's input: RAS+ axes, isotropic `spacing` mm, a
-central crop/pad to `shape`, intensities robustly scaled to [0, 1]. The affine it returns belongs to
-the returned array, so `save_volume(path, *load_volume(...))` overlays the input in any viewer.
+`load_volume` puts any 3D NIfTI of a brain in MNI space onto the run's grid, `mni_affine(shape,
+spacing)`: one linear interpolation from the source array, by the source's own affine (whatever its
+orientation, voxel size or field of view), then intensities robustly scaled to [0, 1]. The affine it
+returns is the grid's, so every volume of a run (training, evaluation, samples) shares one world
+grid and `save_volume(path, *load_volume(...))` overlays the source in any viewer.
+
+Images that are plainly not in MNI space are refused (`mni_problem`, `foreground_problem`) with a
+message that says to register them first; `data.assume_mni` accepts them as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
-from nibabel import orientations
 from scipy import ndimage
 
 from brain_ldm_jax.errors import DataError
@@ -22,10 +26,25 @@ from brain_ldm_jax.errors import DataError
 # Centre (mm) of the MNI152 brain's bounding box (nilearn's 2009a brain mask), so a grid centred
 # here holds the whole brain (mask bounding box x -72..72, y -107..73, z -72..82 mm).
 MNI_BRAIN_CENTRE = (0.0, -17.0, 5.0)
+MNI_BRAIN_BOX = ((-72.0, 72.0), (-107.0, 73.0), (-72.0, 82.0))
 
-# NIfTI xform codes: 1 = scanner-anatomical, 4 = MNI152.
-XFORM_SCANNER = 1
-XFORM_MNI = 4
+# NIfTI xform codes.
+XFORM_UNKNOWN, XFORM_SCANNER, XFORM_ALIGNED, XFORM_TALAIRACH, XFORM_MNI, XFORM_TEMPLATE = range(6)
+XFORM_NAMES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "Talairach", 4: "MNI152",
+               5: "template"}
+
+# An image counts as in MNI space unless it plainly is not. Registered images often carry code 1
+# or 2 (nilearn's MNI152 template: 2, Colin27's high-resolution copy: 1), so those codes pass and
+# the image's content decides: its field of view must hold most of the brain's part of the run's
+# grid, and its foreground's centre must lie near the MNI brain's (4-7 mm for the MNI152 and
+# Colin27 T1s, with or without skull; a skull with neck shifts it down by some 10 mm more).
+MIN_BRAIN_COVERAGE = 0.5
+MAX_CENTRE_OFFSET_MM = 25.0
+# Voxel sizes outside this range (mm) are header errors, not images.
+VOXEL_SIZE_RANGE = (0.05, 20.0)
+
+REGISTER_HINT = ("register it to MNI152 first (e.g. FSL flirt -ref MNI152_T1_1mm_brain, or ANTs "
+                 "antsRegistrationSyN.sh), or set data.assume_mni=True to use it as it is")
 
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
@@ -37,7 +56,7 @@ def mni_affine(shape: Sequence[int], spacing: float) -> np.ndarray:
   """RAS+ affine of a `shape` grid at `spacing` mm centred on the MNI152 brain box.
 
   The translation is rounded to whole mm so that at 1 mm the grid shares voxel centres with the
-  1 mm MNI template (cropping it needs no interpolation).
+  1 mm MNI templates (loading them onto it interpolates nothing).
   """
   shape = np.asarray(shape, dtype=np.float64)
   origin = np.round(np.asarray(MNI_BRAIN_CENTRE) - spacing * (shape - 1) / 2)
@@ -46,8 +65,16 @@ def mni_affine(shape: Sequence[int], spacing: float) -> np.ndarray:
   return affine
 
 
-def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Raw float32 data and affine of a NIfTI file; DataError naming the file for anything bad."""
+def _apply(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+  """(n, 3) points through a 4x4 affine."""
+  return points @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def read_image(path: str) -> nib.Nifti1Image:
+  """The NIfTI image object of `path` (header only: nibabel reads voxels on access)."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataError(f"{path}: file not found")
@@ -59,72 +86,152 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise DataError(f"{path}: is a {type(img).__name__}, not NIfTI; convert it to .nii.gz "
                     "(e.g. with nibabel or dcm2niix)")
+  return img
+
+
+def shape_problem(shape: Sequence[int]) -> str | None:
+  """Why an image of this array shape is not one 3D volume (X×Y×Z, or X×Y×Z×1), or None."""
+  shape = tuple(int(n) for n in shape)
+  if len(shape) < 3 or any(n < 2 for n in shape[:3]):
+    return f"has shape {shape}; a 3D volume is needed"
+  if any(n != 1 for n in shape[3:]):
+    return (f"is {len(shape)}D with shape {shape}; a single 3D volume is needed (split the "
+            "series, e.g. nibabel.funcs.four_to_three)")
+  return None
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+  """Why this voxel-to-world affine cannot place an image (zero, absurd or singular), or None."""
+  affine = np.asarray(affine, np.float64)
+  if not np.all(np.isfinite(affine)):
+    return "has a non-finite affine; fix the header (sform/qform)"
+  sizes = voxel_sizes(affine)
+  lo, hi = VOXEL_SIZE_RANGE
+  if np.any(sizes < lo) or np.any(sizes > hi) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+    return (f"has voxel sizes {np.round(sizes, 4).tolist()} mm (outside {lo}-{hi} mm, or a "
+            "singular affine); fix the header's pixdim / sform")
+  return None
+
+
+def xform_code(header) -> int:
+  """The code of the affine nibabel uses: the sform's when set, else the qform's."""
+  sform = int(header["sform_code"])
+  return sform if sform > 0 else int(header["qform_code"])
+
+
+def brain_coverage(shape: Sequence[int], affine: np.ndarray, grid_shape: Sequence[int],
+                   grid_affine: np.ndarray, step_mm: float = 8.0) -> float:
+  """Fraction of the grid's part of the MNI brain box that lies inside the image's field of view.
+
+  Measured on a lattice of points `step_mm` apart, so it costs nothing next to loading a volume.
+  """
+  grid_lo = _apply(grid_affine, np.zeros((1, 3)))[0]
+  grid_hi = _apply(grid_affine, np.asarray(grid_shape, np.float64)[None] - 1)[0]
+  box = np.asarray(MNI_BRAIN_BOX)
+  lo = np.maximum(box[:, 0], np.minimum(grid_lo, grid_hi))
+  hi = np.minimum(box[:, 1], np.maximum(grid_lo, grid_hi))
+  if np.any(hi <= lo):
+    return 0.0
+  axes = [np.linspace(a, b, max(2, int(np.ceil((b - a) / step_mm)) + 1)) for a, b in zip(lo, hi)]
+  points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+  ijk = _apply(np.linalg.inv(affine), points)
+  inside = np.all((ijk > -0.5) & (ijk < np.asarray(shape[:3], np.float64) - 0.5), axis=1)
+  return float(inside.mean())
+
+
+def mni_problem(header, shape: Sequence[int], affine: np.ndarray, grid_shape: Sequence[int],
+                grid_affine: np.ndarray) -> str | None:
+  """Why an image is plainly not in MNI space, from its header alone; None when it may be."""
+  code = xform_code(header)
+  if code == XFORM_UNKNOWN:
+    return "has no sform or qform (codes 0): its position in space is unknown"
+  if code == XFORM_TALAIRACH:
+    return "is in Talairach space (xform code 3), not MNI"
+  coverage = brain_coverage(shape, affine, grid_shape, grid_affine)
+  if coverage < MIN_BRAIN_COVERAGE:
+    return (f"its field of view holds only {coverage:.0%} of the MNI brain's part of the run's "
+            f"grid ({XFORM_NAMES.get(code, code)} coordinates, xform code {code})")
+  return None
+
+
+def foreground_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
+  """World position (mm) of the centre of the voxels brighter than the image's mean, if any.
+
+  Read on a ~4 mm subsample: enough for a centre, and cheap next to the interpolation.
+  """
+  stride = tuple(max(1, int(4.0 // s)) for s in voxel_sizes(affine))
+  sub = data[::stride[0], ::stride[1], ::stride[2]]
+  ijk = np.argwhere(sub > sub.mean())
+  if len(ijk) == 0:
+    return None
+  return _apply(affine, ijk.mean(0, keepdims=True) * np.asarray(stride))[0]
+
+
+def foreground_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
+  """Why an image's content is plainly not a brain in MNI space (its centre is far off), or None.
+
+  An image without foreground passes: the intensity scaling refuses it as empty.
+  """
+  centre = foreground_centre(data, affine)
+  if centre is None:
+    return None
+  offset = float(np.linalg.norm(centre - np.asarray(MNI_BRAIN_CENTRE)))
+  if offset > MAX_CENTRE_OFFSET_MM:
+    return (f"its foreground is centred at {np.round(centre).tolist()} mm, {offset:.0f} mm from "
+            f"the MNI brain's centre {list(MNI_BRAIN_CENTRE)}")
+  return None
+
+
+def not_mni_error(path: str, problem: str) -> DataError:
+  return DataError(f"{path}: does not look like an image in MNI space: {problem}; {REGISTER_HINT}")
+
+
+# ----------------------------------------------------------------------------- voxels
+
+
+def _read(path: str, img: nib.Nifti1Image) -> np.ndarray:
+  """The image's voxels as float32 (X, Y, Z); DataError naming the file for anything bad."""
   try:
     data = np.asarray(img.dataobj, dtype=np.float32)
   except (EOFError, OSError, ValueError, zlib.error) as e:
     raise DataError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e}); "
                     "re-export or re-download the file") from e
-  return data, np.asarray(img.affine, dtype=np.float64)
+  data = data.reshape(data.shape[:3])
+  if not np.all(np.isfinite(data)):
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    raise DataError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before training")
+  return data
 
 
-def _as_3d(data: np.ndarray, path: str) -> np.ndarray:
-  """Drop singleton dimensions after the third (a 3D image saved as X×Y×Z×1); refuse real 4D."""
-  if data.ndim < 3:
-    raise DataError(f"{path}: has {data.ndim} dimensions {data.shape}; a 3D volume is needed")
-  extra = data.shape[3:]
-  if any(n != 1 for n in extra):
-    raise DataError(f"{path}: is {data.ndim}D with shape {data.shape}; a single 3D volume is "
-                    "needed (split the series, e.g. nibabel.funcs.four_to_three)")
-  return data.reshape(data.shape[:3])
+def antialias_sigma(step: np.ndarray | float) -> np.ndarray:
+  """Gaussian sigma (source voxels) before sampling every `step` source voxels (scikit-image's)."""
+  return np.maximum(0.0, (np.asarray(step, np.float64) - 1.0) / 2.0)
 
 
-def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Flip/permute axes to the closest RAS+ orientation (as nibabel's as_closest_canonical)."""
-  ornt = orientations.io_orientation(affine)
-  if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
-    return data, affine
-  affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
-  data = orientations.apply_orientation(data, ornt)
-  return np.ascontiguousarray(data), affine
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid_shape: Sequence[int],
+                     grid_affine: np.ndarray) -> np.ndarray:
+  """`data` (voxel-to-world `affine`) sampled linearly at the grid's voxel centres; NaN outside.
 
-
-def resample(data: np.ndarray, affine: np.ndarray,
-             spacing: float) -> tuple[np.ndarray, np.ndarray]:
-  """Linear resampling to `spacing` mm voxels over the same field of view (axes kept).
-
-  The new grid is centred on the old one; when shrinking, a Gaussian prefilter
-  (sigma = (factor - 1) / 2 voxels, as scikit-image) prevents aliasing.
+  One interpolation: grid voxel -> world -> source voxel. A source finer than the grid is low-pass
+  filtered first (anti-aliasing). Grid voxels beyond the source's outermost voxel centres are NaN:
+  outside its field of view.
   """
-  zooms = voxel_sizes(affine)
-  if np.allclose(zooms, spacing, rtol=1e-3, atol=0):
-    return data, affine
-  step = spacing / zooms  # input voxels per output voxel
-  in_shape = np.asarray(data.shape)
-  out_shape = np.maximum(1, np.round(in_shape / step)).astype(int)
-  offset = (in_shape - 1) / 2 - step * (out_shape - 1) / 2
-  sigma = np.maximum(0.0, (step - 1) / 2)
+  grid_to_source = np.linalg.inv(affine) @ np.asarray(grid_affine, np.float64)
+  # Rounding in the inverse would put a grid that shares voxel centres with the source 1e-13
+  # voxels outside its first or last slice, which then reads as outside the field of view.
+  snapped = np.round(grid_to_source)
+  grid_to_source = np.where(np.abs(grid_to_source - snapped) < 1e-6, snapped, grid_to_source)
+  # Source voxels per grid voxel along each source axis.
+  step = voxel_sizes(grid_to_source[:3, :3].T)
+  sigma = antialias_sigma(step)
   if np.any(sigma > 0):
     data = ndimage.gaussian_filter(data, sigma, mode="nearest")
-  out = ndimage.affine_transform(data, step, offset=offset, output_shape=tuple(out_shape),
-                                 order=1, mode="nearest")
-  scale = np.eye(4)
-  scale[:3, :3] = np.diag(step)
-  scale[:3, 3] = offset
-  return out.astype(np.float32, copy=False), affine @ scale
-
-
-def crop_or_pad(data: np.ndarray, affine: np.ndarray, shape: Sequence[int],
-                fill: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-  """Central crop / pad to `shape`; the affine's translation follows the first kept voxel."""
-  start = [(n - t) // 2 if n >= t else -((t - n) // 2) for n, t in zip(data.shape, shape)]
-  out = np.full(tuple(shape), fill, dtype=data.dtype)
-  src = tuple(slice(max(s, 0), max(s, 0) + min(n - max(s, 0), t - max(-s, 0)))
-              for s, n, t in zip(start, data.shape, shape))
-  dst = tuple(slice(max(-s, 0), max(-s, 0) + (sl.stop - sl.start)) for s, sl in zip(start, src))
-  out[dst] = data[src]
-  shift = np.eye(4)
-  shift[:3, 3] = start
-  return out, affine @ shift
+  # C order: nibabel returns Fortran-ordered arrays, which scipy walks 4x slower.
+  out = ndimage.affine_transform(np.ascontiguousarray(data), grid_to_source[:3, :3],
+                                 offset=grid_to_source[:3, 3],
+                                 output_shape=tuple(int(n) for n in grid_shape), order=1,
+                                 mode="constant", cval=np.nan)
+  return out.astype(np.float32, copy=False)
 
 
 def scale_intensity(data: np.ndarray, clip_percentiles: Sequence[float] | None,
@@ -141,23 +248,42 @@ def scale_intensity(data: np.ndarray, clip_percentiles: Sequence[float] | None,
 
 
 def load_volume(path: str, shape: Sequence[int], spacing: float,
-                clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """A NIfTI file as the model sees it: float32 (X, Y, Z) in [0, 1] and its RAS+ affine.
+                clip_percentiles: Sequence[float] | None = (0.5, 99.5), *,
+                assume_mni: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """A NIfTI file on the run's grid: float32 `shape` in [0, 1] and the grid's affine.
 
-  Steps: reorient to RAS+, resample to isotropic `spacing` mm (linear), scale intensities by
-  robust percentiles over the resampled field of view, then crop/pad centrally (pad value 0).
+  The grid is `mni_affine(shape, spacing)`. The source is interpolated once onto it by its own
+  affine; grid voxels outside its field of view are background (0). Intensities are scaled by
+  robust percentiles of the grid voxels inside the field of view: the same region of MNI space for
+  every subject, whatever each file's field of view holds besides (neck, padding), and the
+  interpolation is linear, so scaling after it equals scaling the source.
+  Images plainly not in MNI space raise DataError unless `assume_mni`.
   """
   path = os.fspath(path)
-  data, affine = _read(path)
-  data = _as_3d(data, path)
-  if not np.all(np.isfinite(data)):
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-    raise DataError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before training")
-  data, affine = to_ras(data, affine)
-  data, affine = resample(data, affine, float(spacing))
-  data = scale_intensity(data, clip_percentiles, path)
-  return crop_or_pad(data, affine, tuple(int(n) for n in shape))
+  shape = tuple(int(n) for n in shape)
+  grid = mni_affine(shape, float(spacing))
+  img = read_image(path)
+  affine = np.asarray(img.affine, np.float64)
+  problem = shape_problem(img.shape) or affine_problem(affine)
+  if problem:
+    raise DataError(f"{path}: {problem}")
+  if not assume_mni:
+    problem = mni_problem(img.header, img.shape, affine, shape, grid)
+    if problem:
+      raise not_mni_error(path, problem)
+  data = _read(path, img)
+  if not assume_mni:
+    problem = foreground_problem(data, affine)
+    if problem:
+      raise not_mni_error(path, problem)
+  out = resample_to_grid(data, affine, shape, grid)
+  outside = np.isnan(out)
+  if outside.all():
+    raise DataError(f"{path}: its field of view does not overlap the run's grid at all")
+  out[outside] = 0.0
+  scaled = scale_intensity(out[~outside], clip_percentiles, path)
+  out[~outside] = scaled
+  return out, grid
 
 
 def save_volume(path: str, volume: np.ndarray, affine: np.ndarray, *,
