@@ -79,7 +79,8 @@ class _LazyVolumes:
     self.load = functools.lru_cache(maxsize=64)(
         lambda i: nifti.load_volume(self.paths[i], tuple(data_config.shape),
                                     float(data_config.spacing),
-                                    tuple(data_config.clip_percentiles))[0])
+                                    tuple(data_config.clip_percentiles),
+                                    assume_mni=bool(data_config.get("assume_mni", False)))[0])
 
   def __len__(self):
     return len(self.paths)

@@ -27,6 +27,9 @@ def _data(preset: str) -> ml_collections.ConfigDict:
   d.split_seed = 0
   d.num_workers = {"paper": 8, "demo": 0, "test": 0}[preset]
   d.skip_bad_subjects = False
+  # Images that plainly are not in MNI space are refused (nifti.mni_problem); True loads them as
+  # they are, placed by their affine.
+  d.assume_mni = False
   # The synthetic cohort made when data_dir is empty.
   d.synthetic = ml_collections.ConfigDict()
   d.synthetic.num_subjects = {"paper": 512, "demo": 64, "test": 12}[preset]

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brain_ldm_jax.data import manifest, pipeline
+from brain_ldm_jax.data import manifest, nifti, pipeline
 from brain_ldm_jax.errors import ConfigError, DataError
 
 N = 8
@@ -35,7 +35,7 @@ def cohort(tmp_path_factory):
     path = str(root / f"s{i}.nii.gz")
     # Subject i's image has mean ~ i, so a loaded volume can be traced back to its file.
     nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32) + 4 * i,
-                             np.diag([4.0, 4.0, 4.0, 1.0])), path)
+                             nifti.mni_affine(SHAPE, 4.0)), path)
     subjects.append(manifest.Subject(f"sub-{i}", path, {"age": 50.0 + i, "sex": float(i % 2)}))
   stats = manifest.CovariateStats.from_subjects(subjects, ("age", "sex"))
   return subjects, stats, root

@@ -44,12 +44,14 @@ class Preprocess:
   shape: tuple[int, int, int]
   spacing: float
   clip_percentiles: tuple[float, float] | None
+  assume_mni: bool = False
 
   @classmethod
   def from_config(cls, data_config) -> Preprocess:
     clip = data_config.clip_percentiles
     return cls(tuple(int(n) for n in data_config.shape), float(data_config.spacing),
-               None if clip is None else (float(clip[0]), float(clip[1])))
+               None if clip is None else (float(clip[0]), float(clip[1])),
+               bool(data_config.get("assume_mni", False)))
 
 
 class SubjectSource:
@@ -75,7 +77,8 @@ class SubjectSource:
     path = self._paths[index]
     p = self._preprocess
     try:
-      volume, _ = nifti.load_volume(path, p.shape, p.spacing, p.clip_percentiles)
+      volume, _ = nifti.load_volume(path, p.shape, p.spacing, p.clip_percentiles,
+                                    assume_mni=p.assume_mni)
     except DataError as e:
       return {"error": str(e), "index": np.int32(index)}
     except Exception as e:  # pylint: disable=broad-except  (anything else still names the file)

@@ -90,7 +90,7 @@ def load_template(spacing: float) -> Template:
   labels = np.where(brain, LABEL_CSF, LABEL_BACKGROUND).astype(np.uint8)
   labels[brain & tissue] = np.where(gm >= wm, LABEL_GM, LABEL_WM)[brain & tissue]
   labels[vent] = LABEL_VENTRICLE
-  # Anti-aliasing for coarser targets (as nifti.resample); labels are sampled nearest.
+  # Anti-aliasing for coarser targets (nifti.antialias_sigma); labels are sampled nearest.
   sigma = max(0.0, (spacing - 1.0) / 2)
   if sigma > 0:
     t1 = ndimage.gaussian_filter(t1, sigma)

@@ -20,6 +20,7 @@ from brain_ldm_jax import sharding as sharding_lib
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import pipeline as data_pipeline
+from brain_ldm_jax.data import preflight
 from brain_ldm_jax.data import synthetic
 from brain_ldm_jax.errors import ConfigError
 from brain_ldm_jax.train import autoencoder as ae_stage
@@ -38,7 +39,8 @@ def prepare_data(config, workdir: str):
     config.data.data_dir = os.path.abspath(data_dir)
     if config.data.participants_tsv:
       config.data.participants_tsv = os.path.abspath(config.data.participants_tsv)
-  subjects = manifest.load_cohort(config.data)
+  # Every problem of the table and the image headers at once, before any training step.
+  subjects = preflight.checked_subjects(config.data)
   train, val = manifest.split_subjects(subjects, config.data.val_fraction, config.data.split_seed)
   stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
   logging.info("cohort %s: %d training and %d validation subjects", config.data.data_dir,
