@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from brain_ldm_jax import config_checks
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.diffusion import guidance
 from brain_ldm_jax.diffusion import samplers
@@ -186,24 +187,18 @@ def sample_latents_fn(config, scale_factor: float, *, sampler: str, num_steps: i
 
 def sampling_options(run: Run, *, sampler: str | None = None, num_steps: int | None = None,
                      eta: float | None = None, guidance_scale: float | None = None) -> dict:
-  """The sampler settings to use: the given ones, else the run's `config.sampling` defaults."""
+  """The sampler settings to use: the given ones, else the run's `config.sampling` defaults.
+
+  Raises ConfigError for settings the run cannot sample with, e.g. guidance_scale != 1 for a run
+  trained without condition dropout (`train_ldm.cond_drop_prob=0`: no unconditional model).
+  """
   s = run.config.sampling
   options = dict(sampler=sampler or s.sampler, num_steps=int(num_steps or s.num_steps),
                  eta=float(s.eta if eta is None else eta),
                  guidance_scale=float(s.guidance_scale if guidance_scale is None
                                       else guidance_scale))
-  if options["sampler"] not in samplers.SAMPLERS:
-    raise ConfigError(f"sampler={options['sampler']!r}: choose one of "
-                      f"{', '.join(samplers.SAMPLERS)}")
-  total = int(run.config.diffusion.num_train_timesteps)
-  if not 1 <= options["num_steps"] <= total:
-    raise ConfigError(f"num_steps={options['num_steps']} must be in [1, {total}] (the run's "
-                      "diffusion.num_train_timesteps)")
-  if not 0.0 <= options["eta"] <= 1.0:
-    raise ConfigError(f"eta={options['eta']} must be in [0, 1]")
-  if options["eta"] and options["sampler"] != "ddim":
-    raise ConfigError(f"eta={options['eta']} only applies to the ddim sampler; "
-                      f"{options['sampler']} needs eta=0")
+  # Guidance is refused for a run trained without condition dropout (converted MONAI runs too).
+  config_checks.check_sampling_options(options, run.config)
   return options
 
 

@@ -7,6 +7,7 @@ The config file picks the job (`config.job`); presets come through the config st
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
@@ -15,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from brain_ldm_jax import config_checks
 from brain_ldm_jax import host
 from brain_ldm_jax.errors import UserError
 
@@ -29,8 +31,14 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0 for multi-host runs (jax.distributed.initialize); "
     "omit on one host or where JAX detects the cluster itself.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False,
+    "Print the resolved config (every field, after overrides and derived sizes) as JSON and exit. "
+    "Every job also writes it to WORKDIR/config.json before it starts.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+CONFIG_FILE = "config.json"  # the resolved config of the latest start, in the workdir
 
 # job name -> "module:function(config, workdir)". A job is listed here once it exists.
 JOBS = {
@@ -81,30 +89,79 @@ def _maybe_initialize_distributed() -> None:
                              process_id=_PROCESS_ID.value)
 
 
+def _exit_with(error: UserError):
+  # A user's mistake gets its message, not a traceback into our code.
+  logging.error("%s", error)
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
+def resolved_config():
+  """The parsed config with its derived sizes set and every shared field checked."""
+  config = _CONFIG.value
+  explicit = config_flags.get_override_values(flags.FLAGS["config"])
+  with config.unlocked():
+    config_checks.derive_network_sizes(config, explicit)
+  config_checks.check_config(config)
+  return config
+
+
+def write_config_json(config, workdir: str) -> None:
+  import jax  # after jax.distributed.initialize: only process 0 writes
+  from brain_ldm_jax.train import checkpoint
+  if jax.process_index() == 0:
+    checkpoint.write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                                 json.loads(config.to_json_best_effort()))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ldm.py")
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and not _PRINT_CONFIG.value:
     raise app.UsageError("--workdir is required: where checkpoints and outputs go")
-  config = _CONFIG.value
   logging.get_absl_handler().addFilter(_QuietLibraries())
   host.keep_freed_memory()
   try:
+    config = resolved_config()
     job = resolve_job(config.job)
+    if _PRINT_CONFIG.value:
+      print(config.to_json_best_effort(indent=2))
+      return
     _maybe_initialize_distributed()
     os.makedirs(_WORKDIR.value, exist_ok=True)
+    write_config_json(config, _WORKDIR.value)
     job(config, _WORKDIR.value)
   except UserError as e:
-    # A user's mistake gets its message, not a traceback into our code.
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit_with(e)
+
+
+def _user_error(error: BaseException) -> UserError | None:
+  """The UserError behind an exception, if any (absl and config_flags wrap what get_config
+  raises in their own errors, with the traceback in the message)."""
+  cause = error.__cause__ or error.__context__
+  inner = _user_error(cause) if cause is not None else None
+  return inner or (error if isinstance(error, UserError) else None)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a UserError from a config file (e.g. an unknown preset) is one
+  line like any other user mistake."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    user_error = _user_error(e)
+    if user_error is not None:  # logging is not set up yet: the line alone
+      print(f"error: {user_error}", file=sys.stderr)
+      sys.exit(2)
+    print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

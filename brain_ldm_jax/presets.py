@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from brain_ldm_jax.errors import ConfigError
+
 PRESETS = ("demo", "paper", "test")
 COVARIATES = ("age", "sex", "ventricular_volume", "brain_volume")
 
@@ -191,6 +193,6 @@ def parse_preset(arg: str | None, default: str = "demo") -> str:
   """The preset named in a config string's argument (`configs/ldm.py:paper` -> "paper")."""
   preset = (arg or default).strip()
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} "
-                     "(e.g. --config=configs/ldm.py:paper)")
+    raise ConfigError(f"preset={preset!r}: allowed one of {', '.join(PRESETS)} "
+                      "(e.g. --config=configs/ldm.py:paper)")
   return preset

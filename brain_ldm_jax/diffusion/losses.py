@@ -12,14 +12,15 @@ import jax
 import jax.numpy as jnp
 
 from brain_ldm_jax.diffusion.schedules import Schedule
+from brain_ldm_jax.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def check_prediction_type(prediction_type: str) -> None:
   if prediction_type not in PREDICTION_TYPES:
-    raise ValueError(
-        f"diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+    raise ConfigError(f"diffusion.prediction_type={prediction_type!r}: allowed one of "
+                      f"{', '.join(PREDICTION_TYPES)}")
 
 
 def _per_sample(values: jnp.ndarray, ndim: int) -> jnp.ndarray:

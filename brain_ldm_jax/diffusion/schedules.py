@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from brain_ldm_jax.errors import ConfigError
+
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 
 
@@ -83,7 +85,8 @@ def make_schedule(
     A `Schedule` of float32 jnp arrays.
   """
   if num_train_timesteps < 1:
-    raise ValueError(f"diffusion.num_train_timesteps must be >= 1, got {num_train_timesteps}.")
+    raise ConfigError(f"diffusion.num_train_timesteps={num_train_timesteps}: allowed an integer "
+                      ">= 1")
   t = num_train_timesteps
   if name == "linear_beta":
     betas = torch_linspace(beta_start, beta_end, t)
@@ -101,7 +104,7 @@ def make_schedule(
     ac = ac / ac[0]
     betas = np.clip(1.0 - ac[1:] / ac[:-1], 0.0, 0.999).astype(np.float32)
   else:
-    raise ValueError(f"diffusion.schedule must be one of {SCHEDULES}, got {name!r}.")
+    raise ConfigError(f"diffusion.schedule={name!r}: allowed one of {', '.join(SCHEDULES)}")
   betas = betas.astype(np.float32)
   alphas = (np.float32(1.0) - betas).astype(np.float32)
   return Schedule(

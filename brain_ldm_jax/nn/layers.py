@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.errors import ConfigError
 from brain_ldm_jax.nn.conv_lowering import after, upsample_nearest2  # noqa: F401  (part of this API)
 
 Dtype = Any
@@ -38,7 +39,8 @@ def as_dtype(dtype: str | Dtype) -> jnp.dtype:
   try:
     return jnp.dtype(dtype)
   except TypeError as e:
-    raise ValueError(f"unknown dtype {dtype!r}: use 'float32' or 'bfloat16'") from e
+    raise ConfigError(f"dtype={dtype!r} (autoencoder.dtype / unet.dtype): allowed 'float32' or "
+                      "'bfloat16'") from e
 
 
 def _uniform_bias_init(fan_in: int) -> Initializer:
@@ -140,7 +142,8 @@ class GroupNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     if c % self.num_groups:
-      raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
+      raise ConfigError(f"GroupNorm: {c} channels are not divisible by norm_num_groups="
+                        f"{self.num_groups}: channels must be multiples of norm_num_groups")
     if self.affine:
       scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
       bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -369,7 +372,7 @@ class SpatialAttentionBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     if self.num_head_channels is not None and c % self.num_head_channels:
-      raise ValueError(f"{c} channels are not divisible by num_head_channels "
+      raise ConfigError(f"{c} channels are not divisible by num_head_channels "
                        f"{self.num_head_channels}")
     heads = c // self.num_head_channels if self.num_head_channels else 1
     h = GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm")(x)
@@ -451,8 +454,8 @@ def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
   kwargs = {}
   for key, value in items:
     if key not in fields:
-      raise ValueError(f"config section {section!r}: unknown field {key!r} for {cls.__name__}; "
-                       f"known fields: {', '.join(sorted(fields))}")
+      raise ConfigError(f"{section}.{key}: unknown field for {cls.__name__}; "
+                        f"known fields: {', '.join(sorted(fields))}")
     if isinstance(value, list):
       value = tuple(value)
     kwargs[key] = value
