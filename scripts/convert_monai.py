@@ -1,17 +1,30 @@
-r"""Convert MONAI weights (e.g. the published brain LDM bundle) into a run the sampler can load.
+r"""Convert MONAI weights into a run the sampler can load; `--bundle` for the published model.
+
+The published MONAI bundle `brain_image_synthesis_latent_diffusion_model`:
+
+    python scripts/convert_monai.py --bundle \
+        --autoencoder=models/autoencoder.pt --unet=models/model.pt --out=runs/bundle
+
+Then, in Python, `api.make_sampler(api.load_run("runs/bundle"))` takes the bundle's covariates
+by name, each in [0, 1] as the bundle takes them: {"sex": ..., "age": ..., "ventricular_volume":
+..., "brain_volume": ...}. `--bundle` stores the bundle's covariate order (its conditioning
+tensor is [[gender, age, ventricular_vol, brain_vol]]), identity scaling of its [0, 1] values
+(or, with `--covariate_ranges` in natural units, min-max scaling by those ranges), the latent
+scale factor 1 (the bundle decodes the latent unscaled) and its sampler: DDIM, 50 steps, MONAI
+1.6's stepping rule (`sampling.timestep_spacing="monai"`, unless the config sets a spacing).
+
+Weights of any other MONAI model:
 
     python scripts/convert_monai.py --config=configs/ldm.py:paper \
-        --autoencoder=models/autoencoder.pth --unet=models/diffusion_model.pth \
-        --covariate_ranges=age=44:82,sex=0:1,ventricular_volume=7:171,brain_volume=LO:HI \
-        --scale_factor=1.0 --out=runs/bundle
+        --autoencoder=ae.pt --unet=unet.pt \
+        --covariate_ranges=age=44:82,sex=0:1,ventricular_volume=LO:HI,brain_volume=LO:HI \
+        --scale_factor=1.0 --out=runs/converted
 
-Then, in Python: `run = brain_ldm_jax.api.load_run("runs/bundle")`. The network sections of the
-config must match the checkpoint (the paper preset matches the bundle). Files are read with
+`--covariate_ranges` gives the training cohort's min:max per covariate of `data.covariates` in
+natural units: the networks saw covariates min-max scaled to [0, 1] with those ranges. The
+network sections of the config must match the checkpoint (the paper preset matches the bundle),
+and the UNet's input sizes must follow from `data.covariates`. Files are read with
 `torch.load(weights_only=True)`, safetensors or npz: loading never runs code from the file.
-
-`--covariate_ranges` gives the training cohort's min:max per covariate in natural units; the
-bundle's networks saw covariates min-max scaled to [0, 1] with the cohort's ranges, so they are
-needed to turn "age 70" into the number the network was trained on.
 
 With --export, it goes the other way: a run's weights to MONAI-core state dicts (.pt if torch is
 installed, else .npz) that load into MONAI with `load_state_dict(..., strict=True)`.
@@ -29,6 +42,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from brain_ldm_jax import api
+from brain_ldm_jax import config_checks
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.errors import ConfigError, UserError
@@ -41,10 +55,44 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/ldm.py:paper",
 _AE = flags.DEFINE_string("autoencoder", None, "MONAI AutoencoderKL weights (.pt/.pth/.safetensors/.npz).")
 _UNET = flags.DEFINE_string("unet", None, "MONAI DiffusionModelUNet weights.")
 _RANGES = flags.DEFINE_string("covariate_ranges", None,
-                              "name=min:max,... for every covariate, natural units.")
-_SCALE = flags.DEFINE_float("scale_factor", 1.0, "Latent scale factor the LDM was trained with.")
+                              "name=min:max,... for every covariate, natural units (with "
+                              "--bundle: optional; without it covariates are given in [0, 1]).")
+_SCALE = flags.DEFINE_float("scale_factor", 1.0, "Latent scale factor the LDM was trained with "
+                            "(the bundle's: 1, it decodes the latent unscaled).")
+_BUNDLE = flags.DEFINE_bool("bundle", False,
+                            "The weights are the published MONAI bundle "
+                            "brain_image_synthesis_latent_diffusion_model: use its covariate "
+                            "order, [0, 1] covariates and sampler.")
 _OUT = flags.DEFINE_string("out", None, "Run directory to write (or, with --export, to read).")
 _EXPORT = flags.DEFINE_string("export", None, "Export the run in --out as MONAI weights into this folder.")
+
+
+# The published bundle (configs/inference.json and scripts/sampler.py of
+# brain_image_synthesis_latent_diffusion_model): the conditioning tensor is
+# [[gender, age, ventricular_vol, brain_vol]], each in [0, 1]; the UNet sees it as 4 constant
+# channels after the 3 latent channels, in that order, and as the cross-attention context (one
+# token). It decodes the sampled latent unscaled and samples with MONAI's DDIMScheduler (default
+# listing and step rule), 50 steps. Its networks are the paper preset's.
+BUNDLE_COVARIATES = ("sex", "age", "ventricular_volume", "brain_volume")
+BUNDLE_NUM_STEPS = 50
+
+
+def bundle_config(config):
+  """`config` with the bundle's covariate order and sampler (a spacing the config sets wins)."""
+  config = config.copy_and_resolve_references()
+  config.data.covariates = BUNDLE_COVARIATES
+  config.sampling.sampler = "ddim"
+  config.sampling.num_steps = BUNDLE_NUM_STEPS
+  config.sampling.timestep_spacing = config.sampling.timestep_spacing or "monai"
+  return config
+
+
+def bundle_stats(ranges_text: str | None) -> manifest.CovariateStats:
+  """Identity scaling (the bundle's [0, 1] values as given), or natural units by known ranges."""
+  if ranges_text:
+    return parse_ranges(ranges_text, BUNDLE_COVARIATES)
+  n = len(BUNDLE_COVARIATES)
+  return manifest.CovariateStats(BUNDLE_COVARIATES, (0.0,) * n, (1.0,) * n)
 
 
 def parse_ranges(text: str, names) -> manifest.CovariateStats:
@@ -59,11 +107,17 @@ def parse_ranges(text: str, names) -> manifest.CovariateStats:
   missing = [n for n in names if n not in ranges]
   if missing:
     raise ConfigError(f"--covariate_ranges lacks {', '.join(missing)} (need {', '.join(names)})")
+  unknown = sorted(set(ranges) - set(names))
+  if unknown:
+    raise ConfigError(f"--covariate_ranges names unknown covariates {', '.join(unknown)} "
+                      f"(the run's are {', '.join(names)})")
   return manifest.CovariateStats(tuple(names), tuple(ranges[n][0] for n in names),
                                  tuple(ranges[n][1] for n in names))
 
 
 def import_run(config, ae_path: str, unet_path: str, stats, scale_factor: float, out: str):
+  # The UNet's input channels and context size must follow from the covariates the run names.
+  config_checks.check_unet(config)
   autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
   unet = unet_lib.build_unet(config.unet)
   params = {
@@ -100,11 +154,14 @@ def main(argv):
     for path in export_run(_OUT.value, _EXPORT.value):
       print(f"wrote {path}")
     return
-  if not (_AE.value and _UNET.value and _RANGES.value):
-    raise app.UsageError("--autoencoder, --unet and --covariate_ranges are required")
+  if not (_AE.value and _UNET.value and (_RANGES.value or _BUNDLE.value)):
+    raise app.UsageError("--autoencoder, --unet and --covariate_ranges (or --bundle) are required")
   config = _CONFIG.value
   try:
-    stats = parse_ranges(_RANGES.value, tuple(config.data.covariates))
+    if _BUNDLE.value:
+      config, stats = bundle_config(config), bundle_stats(_RANGES.value)
+    else:
+      stats = parse_ranges(_RANGES.value, tuple(config.data.covariates))
     import_run(config, _AE.value, _UNET.value, stats, _SCALE.value, _OUT.value)
   except (UserError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

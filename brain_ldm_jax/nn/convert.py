@@ -104,6 +104,13 @@ def _to_monai_layout(a: np.ndarray, leaf: str) -> np.ndarray:
   return a
 
 
+def _monai_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+  """The shape `_to_monai_layout` gives an array of `shape`."""
+  if leaf == "kernel":
+    return (shape[-1], shape[-2], *shape[:-2]) if len(shape) > 2 else tuple(reversed(shape))
+  return tuple(shape)
+
+
 def _legacy_names(key: str) -> list[str]:
   """GenerativeModels spellings of a MONAI-core key (most specific first)."""
   out = []
@@ -186,6 +193,18 @@ def abstract_variables(module: nn.Module) -> dict:
   args, kwargs = example_inputs(module)
   return jax.eval_shape(lambda k: flax.core.unfreeze(module.init({"params": k}, *args, **kwargs)),
                         jax.random.key(0))
+
+
+def monai_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+  """MONAI-core state-dict key -> shape, for every variable of one of our networks.
+
+  Nothing is allocated or computed, so a paper-size network can be checked against a MONAI model
+  built on torch's "meta" device (e.g. the published bundle's exact configuration).
+  """
+  kind = kind_of(module)
+  flat = _flat(abstract_variables(module))
+  return {key: _monai_shape(tuple(flat[path].shape), path[-1])
+          for path, key in _keys_for(flat, kind).items()}
 
 
 def kind_of(module: nn.Module) -> str:
