@@ -20,6 +20,7 @@ from test_nn_parity import randomise, rel_err
 
 from brain_ldm_jax import api
 from brain_ldm_jax import presets
+from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 from brain_ldm_jax.nn import convert
 from brain_ldm_jax.nn import unet as unet_lib
 
@@ -27,7 +28,12 @@ torch = import_reference("torch")
 monai = import_reference("monai")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/inference.json of the bundle: "diffusion_def" (553M parameters) and "scheduler".
+# configs/inference.json of the bundle: "autoencoder_def", "diffusion_def" (553M parameters) and
+# "scheduler".
+BUNDLE_AUTOENCODER = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=3,
+                          channels=[64, 128, 128, 128], num_res_blocks=2, norm_num_groups=32,
+                          norm_eps=1e-6, attention_levels=[False, False, False, False],
+                          with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
 BUNDLE_UNET = dict(spatial_dims=3, in_channels=7, out_channels=3, channels=[256, 512, 768],
                    num_res_blocks=2, attention_levels=[False, True, True], norm_num_groups=32,
                    norm_eps=1e-6, resblock_updown=True, num_head_channels=[0, 512, 768],
@@ -45,13 +51,17 @@ SMALL_OVERRIDES = ("--config.unet.channels=(32,64,64)", "--config.unet.num_head_
 GENDER, AGE, VENTRICULAR_VOL, BRAIN_VOL = 1.0, 0.1, 0.2, 0.4
 
 
-def test_bundle_network_converts_at_its_exact_size():
-  """Every key and shape of the bundle's exact UNet is one of ours (built on torch's meta device)."""
-  with torch.device("meta"):
-    reference = monai.networks.nets.DiffusionModelUNet(**BUNDLE_UNET)
-  want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+def test_bundle_networks_convert_at_their_exact_size():
+  """The bundle's exact networks have our paper preset's keys and shapes (torch's meta device)."""
+  nets = monai.networks.nets
   paper = presets.base_config("paper")
-  assert convert.monai_shapes(unet_lib.build_unet(paper.unet)) == want
+  for reference, ours in ((lambda: nets.DiffusionModelUNet(**BUNDLE_UNET),
+                           unet_lib.build_unet(paper.unet)),
+                          (lambda: nets.AutoencoderKL(**BUNDLE_AUTOENCODER),
+                           autoencoder_lib.build_autoencoder(paper.autoencoder))):
+    with torch.device("meta"):
+      want = {k: tuple(v.shape) for k, v in reference().state_dict().items()}
+    assert convert.monai_shapes(ours) == want
 
 
 @pytest.fixture(scope="module")
