@@ -130,6 +130,26 @@ def test_fields_of_view_and_orientations_land_on_the_same_grid(tmp_path):
     assert np.corrcoef(vol.ravel(), vols[0].ravel())[0, 1] > 0.995
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_whole_and_fractional_voxel_offsets_equal_an_independent_resampling(tmp_path, shift):
+  # A 1 mm file on the 1 mm grid's voxel centres is copied, one half a voxel off is interpolated:
+  # both must equal nilearn's linear resampling at the grid's world points.
+  shape = (36, 40, 34)
+  grid = nifti.mni_affine(shape, 1.0)
+  affine = grid.copy()
+  affine[:3, 3] += np.array([4.0, 6.0, 3.0]) + shift  # inside the grid, not at its corner
+  data = np.random.default_rng(3).random((26, 28, 24)).astype(np.float32)
+  path = _write(tmp_path / "x.nii.gz", data, affine)
+  out, _ = nifti.load_volume(path, shape, 1.0, clip_percentiles=None, assume_mni=True)
+  ref = nl_image.resample_img(nib.load(path), target_affine=grid, target_shape=shape,
+                              interpolation="linear", fill_value=np.nan, force_resample=True,
+                              copy_header=True).get_fdata()
+  inside = ~np.isnan(ref)
+  np.testing.assert_array_equal(out[~inside], 0.0)
+  lo, hi = ref[inside].min(), ref[inside].max()
+  np.testing.assert_allclose(out[inside], (ref[inside] - lo) / (hi - lo), atol=1e-5)
+
+
 def test_real_mni_template_equals_the_source_sampled_at_the_grid():
   out, affine = nifti.load_volume(MNI_T1, *GRID)
   np.testing.assert_array_equal(affine, nifti.mni_affine(*GRID))
