@@ -158,6 +158,8 @@ def check_data(config) -> None:
   _int_at_least(config, "data.split_seed", 0)
   _int_at_least(config, "data.num_workers", 0)
   _is_bool(config, "data.skip_bad_subjects")
+  if "assume_mni" in config.data:
+    _is_bool(config, "data.assume_mni")
   _int_at_least(config, "data.synthetic.num_subjects", 2)
   _int_at_least(config, "data.synthetic.seed", 0)
   _number_in(config, "data.synthetic.spacing", 0.0, 100.0, open_low=True)
