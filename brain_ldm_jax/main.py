@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from brain_ldm_jax import config_checks
 from brain_ldm_jax import host
+from brain_ldm_jax import multihost
 from brain_ldm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,6 +38,10 @@ _PRINT_CONFIG = flags.DEFINE_bool(
     "Every job also writes it to WORKDIR/config.json before it starts.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100,
+    "Multi-host runs: seconds without a heartbeat after which a process counts as lost; the "
+    "others then stop with a line naming it (a lost coordinator is noticed at once).")
 
 CONFIG_FILE = "config.json"  # the resolved config of the latest start, in the workdir
 
@@ -48,6 +53,7 @@ JOBS = {
     "evaluate": "brain_ldm_jax.evaluate:run_evaluate_job",
     "reader_study": "brain_ldm_jax.reader_study:run_reader_study_job",
     "check_data": "brain_ldm_jax.data.preflight:run_check_data_job",
+    "counterfactual": "brain_ldm_jax.counterfactual:run_counterfactual_job",
 }
 
 
@@ -81,12 +87,15 @@ class _QuietLibraries:
 
 
 def _maybe_initialize_distributed() -> None:
+  """Joins a multi-host run when asked to. The launched process itself only runs the job again
+  as a child and reports a lost peer in one line (see multihost); the child joins."""
   if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
     return
-  import jax
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value,
-                             process_id=_PROCESS_ID.value)
+  if not multihost.is_child():
+    sys.exit(multihost.run_child(sys.argv, _PROCESS_ID.value, _COORDINATOR.value,
+                                 _HEARTBEAT_TIMEOUT.value))
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                       _HEARTBEAT_TIMEOUT.value)
 
 
 def _exit_with(error: UserError):

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,6 +191,41 @@ def test_two_devices_give_identical_images(tiny_run, wanted_tsv, datasets):
   reference = datasets["reference"]
   for i in range(4):
     np.testing.assert_array_equal(_voxels(out, i), _voxels(reference, i))
+    assert filecmp.cmp(generate.image_path(out, generate.subject_label(i)),
+                       generate.image_path(reference, generate.subject_label(i)), shallow=False)
+  assert generate.check_bids_dataset(out) == []
+
+
+@pytest.mark.slow
+def test_two_processes_give_identical_images(tiny_run, wanted_tsv, datasets):
+  # Two processes of one device each (process p samples subjects p, p + 2, ...; batch 1 each) vs
+  # the reference's one process with batch 4; the first 4 subjects of the table.
+  out = str(datasets["root"] / "two_processes")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  runs = []
+  for i in range(2):
+    command = _command(out, tiny_run, wanted_tsv, batch_size=2,
+                       extra=("--config.generate.num_subjects=4",
+                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                              f"--process_id={i}"))
+    log = open(f"{out}.{i}.stderr", "w+")
+    runs.append((subprocess.Popen(["timeout", "-s", "KILL", str(TIMEOUT), *command], cwd=REPO,
+                                  env=_env(1, datasets["cache"]), stdout=subprocess.DEVNULL,
+                                  stderr=log), log))
+  try:
+    for proc, log in runs:
+      proc.wait(timeout=TIMEOUT)
+      log.seek(0)
+      assert proc.returncode == 0, log.read()[-4000:]
+  finally:
+    for proc, log in runs:
+      proc.kill()
+      proc.wait()
+      log.close()
+  reference = datasets["reference"]
+  for i in range(4):
     assert filecmp.cmp(generate.image_path(out, generate.subject_label(i)),
                        generate.image_path(reference, generate.subject_label(i)), shallow=False)
   assert generate.check_bids_dataset(out) == []

@@ -7,6 +7,7 @@ different device layouts, process counts, interruptions and restarts produce.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,19 +57,26 @@ def _env(devices: int) -> dict:
 
 
 def _command(workdir, cohort, extra=()):
+  # A second --config.stages would extend the first's tuple, not replace it: `extra`'s wins.
+  overridden = {f.split("=")[0] for f in extra if f.startswith("--config.stages=")}
+  base = [f for f in BASE_FLAGS if f.split("=")[0] not in overridden]
   return [sys.executable, "-m", "brain_ldm_jax.main", "--config=configs/ldm.py:test",
-          f"--workdir={workdir}", f"--config.data.data_dir={cohort}", *BASE_FLAGS, *extra]
+          f"--workdir={workdir}", f"--config.data.data_dir={cohort}", *base, *extra]
 
 
 def _train(workdir, cohort, devices=1, extra=()):
   _wait_all([_start(workdir, cohort, devices, extra)])
 
 
-def _start(workdir, cohort, devices, extra=(), prefix=(), log_path=None):
-  """A training run in the background, its stderr in a file beside the workdir."""
+def _start(workdir, cohort, devices, extra=(), prefix=(), log_path=None, cache=None):
+  """A training run in the background, its stderr in a file beside the workdir; `cache`: a
+  persistent compilation cache folder, for runs that repeat a program."""
   log = open(log_path or workdir.rstrip("/") + ".stderr", "w+")
+  env = _env(devices)
+  if cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
   proc = subprocess.Popen([*prefix, *_command(workdir, cohort, extra)], cwd=REPO,
-                          env=_env(devices), stdout=subprocess.DEVNULL, stderr=log)
+                          env=env, stdout=subprocess.DEVNULL, stderr=log)
   return proc, log
 
 
@@ -94,6 +102,14 @@ def _params(workdir, stage, step=None):
   finally:
     ckpt.close()
   return jax.tree.map(np.asarray, state)
+
+
+def _steps(workdir, stage) -> list[int]:
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, stage))
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()
 
 
 def _assert_trees(a, b, exact: bool):
@@ -135,23 +151,39 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _two_processes(workdir, cohort, extra=(), heartbeat_timeout_s=None, cache=None):
+  """The same training as two processes of two devices each, started side by side; their logs
+  go to WORKDIR.0.stderr and WORKDIR.1.stderr."""
+  port = _free_port()
+  started = []
+  for i in range(2):
+    flags = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+    if heartbeat_timeout_s is not None:
+      flags += (f"--heartbeat_timeout_s={heartbeat_timeout_s}",)
+    # A hung collective would outlive pytest's own timeout: a hard limit on each process.
+    started.append(_start(workdir, cohort, 2, (*flags, *extra),
+                          prefix=("timeout", "-s", "KILL", str(TIMEOUT)),
+                          log_path=f"{workdir}.{i}.stderr", cache=cache))
+  return started
+
+
+# Every periodic hook of both stages within the 3 steps: scalars, images and checkpoints at step 2
+# (and at the first and last steps, as always).
+EVERY_HOOK = tuple(f"--config.{stage}.{hook}=2" for stage in ("train_ae", "train_ldm")
+                   for hook in ("log_every", "image_every", "checkpoint_every"))
+
+
 @pytest.fixture(scope="module")
 def layout_runs(cohort, four_device_run, tmp_path_factory):
   """The four-device training again, side by side: with the UNet sharded over two of the devices
-  (fsdp), and as two processes of two devices each."""
+  (fsdp), and as two processes of two devices each with every periodic hook on."""
   root = tmp_path_factory.mktemp("layout_runs")
   fsdp, two_processes = str(root / "fsdp"), str(root / "two_processes")
   # The finished autoencoder is reused (the stage is skipped): the UNet is what fsdp is for.
   shutil.copytree(os.path.join(four_device_run, "autoencoder"), os.path.join(fsdp, "autoencoder"))
   shutil.copy(os.path.join(four_device_run, "run.json"), fsdp)
   started = [_start(fsdp, cohort, 4, ("--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64"))]
-  port = _free_port()
-  for i in range(2):
-    started.append(_start(
-        two_processes, cohort, 2,
-        (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-        # A process after jax.distributed.initialize ignores SIGTERM: kill with SIGKILL.
-        prefix=("timeout", "-s", "KILL", str(TIMEOUT)), log_path=f"{two_processes}.{i}.stderr"))
+  started += _two_processes(two_processes, cohort, EVERY_HOOK)
   _wait_all(started)
   return {"fsdp": fsdp, "two_processes": two_processes}
 
@@ -170,10 +202,35 @@ def test_fsdp_sharded_equals_replicated(four_device_run, layout_runs):
   _assert_trees(_params(layout_runs["fsdp"], "ldm"), _params(four_device_run, "ldm"), exact=False)
 
 
+def _summaries(logdir) -> dict[str, set[int]]:
+  """tag -> steps of the TensorBoard event files in `logdir` (TFRecord framing read here)."""
+  from tensorboardX.proto import event_pb2
+  found = {}
+  for name in os.listdir(logdir):
+    if "tfevents" not in name:
+      continue
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        found.setdefault(value.tag, set()).add(event.step)
+  return found
+
+
 def test_two_processes_equal_one_process(four_device_run, layout_runs):
+  workdir = layout_runs["two_processes"]
   for stage in ("autoencoder", "ldm"):
-    _assert_trees(_params(layout_runs["two_processes"], stage), _params(four_device_run, stage),
-                  exact=False)
+    _assert_trees(_params(workdir, stage), _params(four_device_run, stage), exact=False)
+    # Every periodic hook ran: checkpoints at step 2 and the last, scalars at 1, 2 and 3.
+    assert _steps(workdir, stage) == [2, 3]
+    summaries = _summaries(os.path.join(workdir, stage))
+    assert summaries["loss"] == {1, 2, 3}, summaries
+  images = _summaries(os.path.join(workdir, "autoencoder"))["inputs_then_reconstructions"]
+  assert images == {2}
 
 
 def _wait_for_checkpoint(workdir, stage, proc, at_least=1):
@@ -243,3 +300,93 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cohort, tmp_path):
     ckpt.close()
   for leaf in jax.tree.leaves(state["params"]):
     assert np.all(np.isfinite(leaf))
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes: preemption and a lost peer
+
+
+def _launched_python(proc) -> int:
+  """The pid of the launched `brain_ldm_jax.main` under a `timeout` prefix (what a scheduler
+  signals)."""
+  with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+    return int(f.read().split()[0])
+
+
+def _wait_for_step(workdir, stage, started, at_least):
+  """Until `stage` has a checkpoint of at least step `at_least` (all processes still running)."""
+  directory = os.path.join(workdir, stage)
+  deadline = time.time() + TIMEOUT
+  while time.time() < deadline and all(proc.poll() is None for proc, _ in started):
+    if os.path.isdir(directory):
+      steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+      if steps and max(steps) >= at_least:
+        return
+    time.sleep(0.05)
+  logs = []
+  for _, log in started:
+    log.seek(0)
+    logs.append(log.read()[-2000:])
+  raise AssertionError(f"no checkpoint of {stage} at step {at_least}: {logs}")
+
+
+def _finish(started) -> list[tuple[int, str]]:
+  """(exit status, stderr) of each run, once all have ended."""
+  results = []
+  try:
+    for proc, log in started:
+      proc.wait(timeout=TIMEOUT)
+      log.seek(0)
+      results.append((proc.returncode, log.read()))
+  finally:
+    for proc, log in started:
+      proc.kill()
+      proc.wait()
+      log.close()
+  return results
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(cohort, tmp_path):
+  root = str(tmp_path)
+  cache = os.path.join(root, "xla_cache")  # the resumed and the reference run reuse the programs
+  preempted = os.path.join(root, "preempted")
+  started = _two_processes(preempted, cohort, ("--config.train_ae.num_steps=1000", AE_ONLY),
+                           cache=cache)
+  _wait_for_step(preempted, "autoencoder", started, at_least=1)
+  os.kill(_launched_python(started[1][0]), signal.SIGTERM)  # one process of the two
+  results = _finish(started)
+  stops = []
+  for code, err in results:
+    assert code == 0, err[-3000:]
+    stops.append([int(s) for s in re.findall(r"autoencoder preempted at step (\d+)", err)])
+  assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+  stop = stops[0][0]
+  assert _steps(preempted, "autoencoder")[-1] == stop < 1000
+
+  # Resumed to two steps past the stop vs the same training uninterrupted: the same state.
+  uninterrupted = os.path.join(root, "uninterrupted")
+  steps = (f"--config.train_ae.num_steps={stop + 2}", AE_ONLY)
+  _wait_all(_two_processes(preempted, cohort, steps, cache=cache)
+            + _two_processes(uninterrupted, cohort, steps, cache=cache))
+  _assert_trees(_params(preempted, "autoencoder"), _params(uninterrupted, "autoencoder"),
+                exact=True)
+
+
+def test_lost_peer_stops_the_survivor_with_one_line(cohort, tmp_path):
+  workdir = str(tmp_path / "lost_peer")
+  heartbeat_timeout_s = 5
+  started = _two_processes(workdir, cohort, ("--config.train_ae.num_steps=1000", AE_ONLY),
+                           heartbeat_timeout_s=heartbeat_timeout_s)
+  _wait_for_step(workdir, "autoencoder", started, at_least=1)
+  os.kill(_launched_python(started[1][0]), signal.SIGKILL)
+  survivor = started[0][0]
+  try:
+    # JAX's default would take 100 s; generous slack for a loaded machine.
+    survivor.wait(timeout=heartbeat_timeout_s + 120)
+  finally:
+    _finish(started)
+  assert survivor.returncode == 1
+  log = open(f"{workdir}.0.stderr").read()
+  last = log.strip().splitlines()[-1]
+  assert last.startswith("error: process 0 lost process 1 of the multi-host run"), log[-3000:]
+  assert "Traceback" not in log and "stack trace" not in log and " @ " not in log, log[-3000:]

@@ -5,7 +5,8 @@ A stage supplies its jitted pure step and its state; the loop owns everything ar
   - skip entirely when the stage's final checkpoint exists;
   - metrics merged on device (clu.metrics), read back only when logged;
   - a non-finite loss stops the run before anything non-finite is saved;
-  - SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly.
+  - SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly; in a
+    multi-process run every process stops at the same agreed step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from brain_ldm_jax.errors import UserError
 from brain_ldm_jax.train import checkpoint as checkpoint_lib
@@ -54,14 +56,23 @@ class Stage:
 
 
 class _StopFlag:
-  """Set by SIGTERM; polled between steps so a save never races a step."""
+  """Whether to stop for a preemption (SIGTERM) at a step; asked between steps, so a save never
+  races a step.
+
+  One process: our own SIGTERM handler. Several: after jax.distributed.initialize, JAX's
+  preemption notifier owns SIGTERM, and its sync point has every process stop at the same step
+  (one past the highest step any process had reached when one got the signal), so that all take
+  the one collective checkpoint together. It must be asked at every step, from the same first
+  step in every process; between notices it is a local check, no communication.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
+    self._agreed = jax.process_count() > 1
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._agreed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
@@ -69,8 +80,9 @@ class _StopFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  @property
-  def is_set(self) -> bool:
+  def reached(self, step: int) -> bool:
+    if self._agreed:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 
 
@@ -101,18 +113,23 @@ def run_stage(stage: Stage, batches: Iterator[dict], data_iterator=None,
   ckpt = checkpoint_lib.Checkpointer(stage.directory, keep=stage.keep_checkpoints)
   writer = writer or reporting.make_writer(stage.directory)
   try:
+    # A finished stage's checkpoint need not hold a data position (converted weights do not).
     latest = ckpt.latest_step()
-    if latest is not None and latest >= stage.num_steps:
-      logging.info("%s: finished (checkpoint at step %d), skipping", stage.name, latest)
-      state, _ = ckpt.restore(latest, stage.abstract_state)
-      return state
-    if latest is None:
-      state = stage.init_state()
-      start = 0
+    finished = latest is not None and latest >= stage.num_steps
+    # Damaged newer steps are warned about and set aside: training redoes them.
+    found = ckpt.restore_newest_intact(stage.abstract_state, None if finished else data_iterator,
+                                       set_aside=True)
+    if found is not None and found[0] >= stage.num_steps:
+      logging.info("%s: finished (checkpoint at step %d), skipping", stage.name, found[0])
+      return found[1]
+    if found is None:
+      state, start, latest = stage.init_state(), 0, None
     else:
-      state, _ = ckpt.restore(latest, stage.abstract_state, data_iterator)
-      start = latest
-      logging.info("%s: resumed from step %d", stage.name, latest)
+      start, state = found
+      if finished and data_iterator is not None:  # fell back from the final step
+        state, _ = ckpt.restore(start, stage.abstract_state, data_iterator)
+      latest = start
+      logging.info("%s: resumed from step %d", stage.name, start)
     state = _train(stage, state, start, batches, data_iterator, ckpt, writer, latest)
     ckpt.wait()
     return state
@@ -134,6 +151,7 @@ def _train(stage, state, start, batches, data_iterator, ckpt, writer, last_saved
         jax.block_until_ready(step_metrics)
 
       is_last = step == stage.num_steps
+      stopping = stop.reached(step)
       if step % stage.log_every == 0 or is_last or step == start + 1:
         scalars = {k: float(v) for k, v in metrics.compute().items()}
         _check_finite(scalars, stage.name, step, stage.directory, last_saved)
@@ -142,13 +160,13 @@ def _train(stage, state, start, batches, data_iterator, ckpt, writer, last_saved
         metrics = None
       if stage.images is not None and step % stage.image_every == 0:
         writer.write_images(step, stage.images(state, batch))
-      if step % stage.checkpoint_every == 0 or is_last or stop.is_set:
+      if step % stage.checkpoint_every == 0 or is_last or stopping:
         if metrics is not None:  # never save past an unchecked non-finite step
           scalars = {k: float(v) for k, v in metrics.compute().items()}
           _check_finite(scalars, stage.name, step, stage.directory, last_saved)
         ckpt.save(step, state, stage.meta, data_iterator)
         last_saved = step
-      if stop.is_set:
+      if stopping:
         ckpt.wait()
         writer.flush()
         logging.warning("%s: SIGTERM at step %d; checkpoint saved. Rerun the same command to "

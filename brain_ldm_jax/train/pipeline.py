@@ -10,6 +10,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -68,12 +69,19 @@ def train_autoencoder(config, workdir, mesh, train, stats, meta):
                                            seed=config.seed, mesh=mesh,
                                            field="train_ae.batch_size")
   autoencoder = built["autoencoder"]
-  reconstruct = jax.jit(lambda params, images: ae_stage.reconstruct(autoencoder, params, images))
+
+  # Computed on the mesh like a step, the result replicated: each process holds the whole
+  # (small) result, which a process cannot fetch from an array that spans other processes.
+  @functools.partial(jax.jit, out_shardings=sharding_lib.replicated(mesh))
+  def inputs_and_reconstructions(params, images):
+    real = images[:2]
+    return jnp.concatenate([real, ae_stage.reconstruct(autoencoder, params, real)])[..., 0]
 
   def images(state, batch):
-    recon = np.asarray(reconstruct(state.params, batch["image"][:2]))[..., 0]
-    real = np.asarray(batch["image"][:2])[..., 0]
-    return _montage_images(np.concatenate([real, recon]), "inputs_then_reconstructions")
+    volumes = np.asarray(inputs_and_reconstructions(state.params, batch["image"]))
+    if jax.process_index() != 0:  # only process 0 writes summaries
+      return {}
+    return _montage_images(volumes, "inputs_then_reconstructions")
 
   stage = loop.Stage(name="autoencoder", directory=os.path.join(workdir, api.AE_DIR),
                      num_steps=t.num_steps, log_every=t.log_every,
