@@ -53,7 +53,6 @@ JOBS = {
     "evaluate": "brain_ldm_jax.evaluate:run_evaluate_job",
     "reader_study": "brain_ldm_jax.reader_study:run_reader_study_job",
     "check_data": "brain_ldm_jax.data.preflight:run_check_data_job",
-    "counterfactual": "brain_ldm_jax.counterfactual:run_counterfactual_job",
 }
 
 
