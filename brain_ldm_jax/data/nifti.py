@@ -37,7 +37,7 @@ XFORM_NAMES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "Talairach", 4: "MNI
 # or 2 (nilearn's MNI152 template: 2, Colin27's high-resolution copy: 1), so those codes pass and
 # the image's content decides: its field of view must hold most of the brain's part of the run's
 # grid, and its foreground's centre must lie near the MNI brain's (4-7 mm for the MNI152 and
-# Colin27 T1s, with or without skull; a skull with neck shifts it down by some 10 mm more).
+# Colin27 T1s, with or without skull: docs/data_loading.md).
 MIN_BRAIN_COVERAGE = 0.5
 MAX_CENTRE_OFFSET_MM = 25.0
 # Voxel sizes outside this range (mm) are header errors, not images.
@@ -182,8 +182,9 @@ def foreground_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
   return None
 
 
-def not_mni_error(path: str, problem: str) -> DataError:
-  return DataError(f"{path}: does not look like an image in MNI space: {problem}; {REGISTER_HINT}")
+def not_mni_message(problem: str) -> str:
+  """What the user reads about an image that is not in MNI space, and what to do."""
+  return f"does not look like an image in MNI space: {problem}; {REGISTER_HINT}"
 
 
 # ----------------------------------------------------------------------------- voxels
@@ -262,8 +263,8 @@ def _sample(data: np.ndarray, grid_to_source: np.ndarray, grid_shape) -> np.ndar
 
 
 # Percentiles are read on at least this many voxels of the grid (a strided subset of larger
-# grids: at the paper grid every 8th voxel, 700k of them, which pins a 0.5 % tail to a hair and
-# sorts 8x less).
+# grids: at the paper grid every 8th voxel, 717k of them, so each 0.5 % tail still holds 3,500
+# voxels, for an 8x smaller sort).
 PERCENTILE_VOXELS = 500_000
 
 
@@ -308,12 +309,12 @@ def load_volume(path: str, shape: Sequence[int], spacing: float,
   if not assume_mni:
     problem = mni_problem(img.header, img.shape, affine, shape, grid)
     if problem:
-      raise not_mni_error(path, problem)
+      raise DataError(f"{path}: {not_mni_message(problem)}")
   data = _read(path, img)
   if not assume_mni:
     problem = foreground_problem(data, affine)
     if problem:
-      raise not_mni_error(path, problem)
+      raise DataError(f"{path}: {not_mni_message(problem)}")
   out = resample_to_grid(data, affine, shape, grid)
   outside = np.isnan(out)
   if outside.all():

@@ -82,7 +82,7 @@ def image_problems(path: str, grid_shape: Sequence[int], grid_affine: np.ndarray
   if not assume_mni and found[0] is None and found[1] is None:
     mni = nifti.mni_problem(img.header, img.shape, affine, grid_shape, grid_affine)
     if mni:
-      found.append(f"does not look like an image in MNI space: {mni}; {nifti.REGISTER_HINT}")
+      found.append(nifti.not_mni_message(mni))
   return [f"{path}: {p}" for p in found if p]
 
 
