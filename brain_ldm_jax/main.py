@@ -52,6 +52,7 @@ JOBS = {
     "generate": "brain_ldm_jax.generate:run_generate_job",
     "evaluate": "brain_ldm_jax.evaluate:run_evaluate_job",
     "reader_study": "brain_ldm_jax.reader_study:run_reader_study_job",
+    "counterfactual": "brain_ldm_jax.counterfactual:run_counterfactual_job",
     "check_data": "brain_ldm_jax.data.preflight:run_check_data_job",
 }
 

@@ -1,0 +1,624 @@
+r"""Counterfactuals of real subjects: the same brain with other covariates, by DDIM inversion.
+
+    from brain_ldm_jax import api, counterfactual
+    run = api.load_run("runs/demo")
+    edit = counterfactual.make_editor(run, num_steps=50)          # strength=1.0: all the way
+    older = edit(run.params, images, cond, dict(cond, age=cond["age"] + 10))  # (B, X, Y, Z)
+    invert = counterfactual.make_inverter(run, num_steps=50)
+    noise = invert(run.params, images, cond)   # what DDIM (eta 0) regenerates the subjects from
+
+`images` are (B, X, Y, Z) in [0, 1] on the run's grid (`nifti.load_volume(path, data.shape,
+data.spacing, data.clip_percentiles)`), covariates in natural units as for `api.make_sampler`.
+The autoencoder encodes each image (posterior mean x scale factor), `diffusion.inversion` walks the
+latent up the sampler's own DDIM timesteps under the subject's covariates and back down under the
+new ones, and the autoencoder decodes. Everything is deterministic (eta = 0: no noise, no keys),
+and each subject runs through the same batch-1 program (`lax.map`, as `api.images_fn`), so a batch
+of B gives bitwise the results of B runs of one.
+
+Guidance: with a guidance scale != 1 (the run's `sampling.guidance_scale` or the one given), both
+directions use the guided prediction; `api.sampling_options` refuses that for runs trained
+without condition dropout. Plain DDIM inversion is used, not null-text inversion (Mokady et al.
+2023): the paper's model samples without guidance, where DDIM inversion is already the sampler's
+inverse up to its O(1/N) discretisation error, and null-text inversion would add a per-subject
+optimisation through the UNet (hundreds of network gradients) to repair what only guidance breaks.
+
+The job (`configs/counterfactual.py`):
+
+    python -m brain_ldm_jax.main --config=configs/counterfactual.py --workdir=RUN \
+        --config.counterfactual.change="ventricular_volume=+10"
+
+For every subject of a cohort (default: the run's validation split) it writes, under
+WORKDIR/counterfactual/ (or counterfactual.out_dir):
+    sub-X/sub-X_edited.nii.gz          the subject with the new covariates (MNI grid of the run)
+    sub-X/sub-X_reconstruction.nii.gz  inverted and regenerated with its own covariates
+    sub-X/sub-X_difference.nii.gz      edited - reconstruction: the change the covariates make
+    sub-X/sub-X_counterfactual.png     original, reconstruction, edited, difference (same slices)
+    changes.tsv    per subject: covariates from/to, requested vs measured volume changes,
+                   reconstruction errors, how much the edit moved each brain region
+    summary.json   r and slope of measured vs requested changes, reconstruction vs autoencoder
+                   error, region changes; changes_<quantity>.png scatter plots
+Measured changes are calibrated volumes (metrics.volumes, calibrated on the run's training
+subjects) of the edited brain minus those of the reconstruction, so the autoencoder's own bias
+cancels.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from brain_ldm_jax import api
+from brain_ldm_jax import figures
+from brain_ldm_jax import generate
+from brain_ldm_jax.data import manifest
+from brain_ldm_jax.data import nifti
+from brain_ldm_jax.diffusion import guidance
+from brain_ldm_jax.diffusion import inversion
+from brain_ldm_jax.diffusion import schedules
+from brain_ldm_jax.errors import ConfigError, DataError
+from brain_ldm_jax.metrics import volumes as volumes_lib
+from brain_ldm_jax.nn import autoencoder as autoencoder_lib
+from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import unet as unet_lib
+from brain_ldm_jax.train import checkpoint as checkpoint_lib
+
+OUTPUTS = ("autoencoder", "reconstruction", "edited")
+REGIONS = ("ventricle_region", "rest_of_brain")
+
+# ----------------------------------------------------------------------------------------------
+# Pure programs
+
+
+def edit_options(run: api.Run, *, num_steps: int | None = None,
+                 guidance_scale: float | None = None, strength: float = 1.0) -> dict:
+  """Validated settings: the run's DDIM step list and guidance unless given; `strength` in (0, 1]."""
+  options = api.sampling_options(run, sampler="ddim", num_steps=num_steps, eta=0.0,
+                                 guidance_scale=guidance_scale)
+  inversion.num_edit_steps(options["num_steps"], strength)
+  return dict(num_steps=options["num_steps"], guidance_scale=options["guidance_scale"],
+              strength=float(strength))
+
+
+def _ddim_options(config, num_steps: int, strength: float) -> dict:
+  return dict(num_steps=num_steps, strength=strength,
+              prediction_type=config.diffusion.prediction_type,
+              clip_sample=bool(config.diffusion.clip_sample),
+              timestep_spacing=generate.timestep_spacing(config, "ddim"))
+
+
+def counterfactual_fn(run: api.Run, *, num_steps: int, guidance_scale: float, strength: float,
+                      outputs: Sequence[str] = OUTPUTS) -> Callable:
+  """Pure, un-jitted `(params, images, cond_from, cond_to) -> {output: (B, ...)}`, per sample.
+
+  images (B, X, Y, Z) in [0, 1]; covariates (B, n) normalised. Outputs (any of):
+    "noise": the inverted latent (B, *latent_shape), at timestep `inversion.edit_timesteps(...)[0]`;
+    "autoencoder": the autoencoder's own reconstruction (decoded posterior mean);
+    "reconstruction": inverted and regenerated under cond_from (the edit with no change);
+    "edited": inverted under cond_from, regenerated under cond_to.
+  Images come back in [0, 1]. Each sample runs through the batch-1 program (`lax.map`).
+  """
+  config = run.config
+  autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
+  unet = unet_lib.build_unet(config.unet)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  ddim = _ddim_options(config, num_steps, strength)
+  scale_factor = run.scale_factor
+  unknown = sorted(set(outputs) - {"noise", *OUTPUTS})
+  if unknown:
+    raise ValueError(f"unknown outputs {unknown}; choose from noise, {', '.join(OUTPUTS)}")
+
+  def one(params, image, cond_from, cond_to):
+    ae = {"params": params["autoencoder"]}
+    mean, _ = autoencoder.apply(ae, image[..., None], method="encode")
+    z0 = mean * scale_factor
+    decode = lambda z: jnp.clip(
+        autoencoder.apply(ae, z / scale_factor, method="decode")[..., 0], 0.0, 1.0)
+
+    def denoiser(cond):
+      def with_cond(x, t, c):
+        x_in, context = unet_lib.hybrid_conditioning(x, c)
+        return unet.apply({"params": params["unet"]}, x_in, jnp.full((x.shape[0],), t),
+                          context=context)
+      return guidance.guided(with_cond, cond, guidance_scale)
+
+    out = {}
+    # The UNet's parameters are the same at every step: its prepared kernels are made once.
+    with conv_lowering.invariant_kernels():
+      if {"noise", "reconstruction", "edited"} & set(outputs):
+        noise = inversion.ddim_invert(denoiser(cond_from), z0, schedule, **ddim)
+        if "noise" in outputs:
+          out["noise"] = noise
+        for name, cond in (("reconstruction", cond_from), ("edited", cond_to)):
+          if name in outputs:
+            out[name] = decode(inversion.ddim_regenerate(denoiser(cond), noise, schedule, **ddim))
+    if "autoencoder" in outputs:
+      out["autoencoder"] = decode(z0)
+    return out
+
+  def per_sample(params, images, cond_from, cond_to):
+    return jax.lax.map(
+        lambda a: jax.tree.map(lambda y: y[0], one(params, a[0][None], a[1][None], a[2][None])),
+        (images, cond_from, cond_to))
+
+  return per_sample
+
+
+def check_images(images, shape: Sequence[int]) -> np.ndarray:
+  """(B, X, Y, Z) float32 on the run's grid, finite; DataError saying what is wrong."""
+  images = np.asarray(images, np.float32)
+  shape = tuple(int(n) for n in shape)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.shape[1:] != shape:
+    raise DataError(f"images have shape {images.shape}, not (batch, {', '.join(map(str, shape))}) "
+                    "of the run's grid; load them with nifti.load_volume(path, data.shape, "
+                    "data.spacing, data.clip_percentiles)")
+  if not np.all(np.isfinite(images)):
+    raise DataError("images contain NaN or infinite values")
+  return images
+
+
+def _normalised(run: api.Run, cond, batch: int, what: str) -> jnp.ndarray:
+  names = tuple(run.config.data.covariates)
+  matrix = api.covariate_matrix(cond, names)
+  if matrix.shape[0] != batch:
+    raise DataError(f"{what} has {matrix.shape[0]} rows for {batch} images")
+  return jnp.asarray(api.normalise_covariates(matrix, run.stats, names))
+
+
+def make_inverter(run: api.Run, *, num_steps: int | None = None,
+                  guidance_scale: float | None = None, strength: float = 1.0) -> Callable:
+  """`invert(params, images, cond) -> (B, *latent_shape)`: the latents DDIM regenerates them from.
+
+  Deterministic (DDIM with eta = 0: no keys). Defaults: the run's `config.sampling`; the state is
+  at timestep `inversion.edit_timesteps(...)[0]` (the sampler's first timestep at strength 1).
+  """
+  options = edit_options(run, num_steps=num_steps, guidance_scale=guidance_scale,
+                         strength=strength)
+  fn = jax.jit(counterfactual_fn(run, outputs=("noise",), **options))
+  shape = run.config.data.shape
+
+  def invert(params, images, cond):
+    images = check_images(images, shape)
+    c = _normalised(run, cond, len(images), "cond")
+    return fn(params, jnp.asarray(images), c, c)["noise"]
+
+  return invert
+
+
+def make_editor(run: api.Run, *, num_steps: int | None = None,
+                guidance_scale: float | None = None, strength: float = 1.0) -> Callable:
+  """`edit(params, images, cond_from, cond_to) -> (B, X, Y, Z)` in [0, 1]: the subjects with new
+  covariates. Deterministic (no keys); `strength` < 1 inverts only that fraction of the steps."""
+  options = edit_options(run, num_steps=num_steps, guidance_scale=guidance_scale,
+                         strength=strength)
+  fn = jax.jit(counterfactual_fn(run, outputs=("edited",), **options))
+  shape = run.config.data.shape
+
+  def edit(params, images, cond_from, cond_to):
+    images = check_images(images, shape)
+    return fn(params, jnp.asarray(images), _normalised(run, cond_from, len(images), "cond_from"),
+              _normalised(run, cond_to, len(images), "cond_to"))["edited"]
+
+  return edit
+
+
+# ----------------------------------------------------------------------------------------------
+# Requested changes
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  """One covariate change: `+v` / `-v` (add), `*v` (scale) or `v` (set), in natural units."""
+  name: str
+  op: str  # "+", "*" or "="
+  value: float
+
+  def apply(self, current: float) -> float:
+    if self.op == "+":
+      return current + self.value
+    if self.op == "*":
+      return current * self.value
+    return self.value
+
+  def __str__(self) -> str:
+    if self.op == "+":
+      return f"{self.name}={self.value:+g}"
+    return f"{self.name}={'*' if self.op == '*' else ''}{self.value:g}"
+
+
+def _unknown(name: str, names: Sequence[str], where: str) -> DataError:
+  return DataError(f"{where}: unknown covariate {name!r}; the run's covariates are "
+                   f"{', '.join(names)}")
+
+
+def parse_changes(text: str, names: Sequence[str]) -> list[Change]:
+  """'age=+10, ventricular_volume=*1.5, sex=F' -> Changes; DataError naming a bad entry."""
+  where = "counterfactual.change"
+  changes = []
+  for entry in (e.strip() for e in text.split(",")):
+    if not entry:
+      continue
+    name, sep, rhs = (part.strip() for part in entry.partition("="))
+    if not sep or not rhs:
+      raise ConfigError(f"{where}={text!r}: {entry!r} is not NAME=VALUE (e.g. age=+10, "
+                        "ventricular_volume=*1.5, brain_volume=1200)")
+    if name not in names:
+      raise _unknown(name, names, where)
+    op = rhs[0] if rhs[0] in "+-*" else "="
+    number = rhs[1:] if op == "*" else rhs
+    if name == "sex" and number.lower() in manifest.SEX_CODES and op == "=":
+      changes.append(Change(name, "=", manifest.SEX_CODES[number.lower()]))
+      continue
+    try:
+      value = float(number)
+    except ValueError:
+      raise ConfigError(f"{where}: {entry!r}: {number!r} is not a number") from None
+    if not math.isfinite(value):
+      raise ConfigError(f"{where}: {entry!r} is not finite")
+    changes.append(Change(name, "+" if op in "+-" else op, value))
+  if not changes:
+    raise ConfigError(f"{where} is empty: say what to change, e.g. "
+                      "--config.counterfactual.change='age=+10', or give "
+                      "counterfactual.targets_tsv")
+  if len({c.name for c in changes}) != len(changes):
+    raise ConfigError(f"{where}={text!r} changes a covariate twice")
+  return changes
+
+
+def read_targets_tsv(path: str, names: Sequence[str]) -> dict[str, dict[str, float]]:
+  """participant_id -> {covariate: target} from a TSV; empty or n/a cells keep the subject's own."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: targets table not found (counterfactual.targets_tsv)")
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    reader = csv.reader(f, delimiter="\t")
+    header = [c.strip() for c in next(reader, [])]
+    rows = [row for row in reader if any(c.strip() for c in row)]
+  if "participant_id" not in header:
+    raise DataError(f"{path}: needs a participant_id column (columns: {', '.join(header)})")
+  columns = [c for c in header if c != "participant_id"]
+  for c in columns:
+    if c not in names:
+      raise _unknown(c, names, path)
+  if not columns or not rows:
+    raise DataError(f"{path}: needs participant_id, at least one covariate column and one row")
+  targets = {}
+  for line, row in enumerate(rows, start=2):
+    if len(row) != len(header):
+      raise DataError(f"{path}: row {line} has {len(row)} cells but the header has {len(header)}")
+    cells = dict(zip(header, (c.strip() for c in row)))
+    sid = cells["participant_id"]
+    sid = sid if sid.startswith("sub-") else f"sub-{sid}"
+    if sid in targets:
+      raise DataError(f"{path}: participant_id {sid} appears twice")
+    try:
+      targets[sid] = {c: manifest.parse_covariate(c, cells[c], sid) for c in columns
+                      if cells[c].lower() not in manifest.MISSING}
+    except DataError as e:
+      raise DataError(f"{path}: {e}") from None
+  return targets
+
+
+def plan_targets(subjects: Sequence[manifest.Subject], names: Sequence[str],
+                 stats: manifest.CovariateStats, changes: Sequence[Change] | None = None,
+                 targets: Mapping[str, Mapping[str, float]] | None = None
+                 ) -> tuple[list[manifest.Subject], np.ndarray, np.ndarray]:
+  """(subjects, cond_from, cond_to) in natural units; targets outside the training range refused.
+
+  With `targets` only the subjects it lists are kept (all of them must be in the cohort).
+  """
+  if targets is not None:
+    ids = {s.participant_id for s in subjects}
+    missing = sorted(set(targets) - ids)
+    if missing:
+      raise DataError(f"counterfactual.targets_tsv lists subjects not in the cohort: "
+                      f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    subjects = [s for s in subjects if s.participant_id in targets]
+  cond_from = np.array([[s.covariates[n] for n in names] for s in subjects], np.float64)
+  cond_to = cond_from.copy()
+  for i, s in enumerate(subjects):
+    for j, name in enumerate(names):
+      if targets is not None:
+        cond_to[i, j] = targets[s.participant_id].get(name, cond_from[i, j])
+      else:
+        for c in changes or ():
+          if c.name == name:
+            cond_to[i, j] = c.apply(cond_from[i, j])
+  lo, hi = np.asarray(stats.minimum), np.asarray(stats.maximum)
+  for i, s in enumerate(subjects):
+    for j, name in enumerate(names):
+      changed = cond_to[i, j] != cond_from[i, j]
+      if changed and not lo[j] <= cond_to[i, j] <= hi[j]:
+        raise DataError(f"{s.participant_id}: target {name}={cond_to[i, j]:g} is outside the "
+                        f"run's training range [{lo[j]:g}, {hi[j]:g}]; the model has not seen "
+                        "such brains (choose a smaller change)")
+  return list(subjects), cond_from, cond_to
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+
+
+def region_changes(difference: np.ndarray, atlas: volumes_lib.Atlas) -> dict[str, float]:
+  """Mean |difference| in the ventricle region and in the rest of the brain (template priors)."""
+  vent = atlas.ventricle_region > 0
+  rest = (atlas.brain_region > 0) & ~vent
+  a = np.abs(np.asarray(difference, np.float64))
+  return {"ventricle_region": float(a[vent].mean()), "rest_of_brain": float(a[rest].mean())}
+
+
+def line_fit(requested, measured) -> dict:
+  """Pearson r, least-squares slope and intercept of measured vs requested; NaN when undefined."""
+  x, y = np.asarray(requested, np.float64), np.asarray(measured, np.float64)
+  r = figures.pearson_r(x, y)
+  if x.size >= 2 and np.std(x) > 0:
+    slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
+  else:
+    slope = intercept = float("nan")
+  return dict(r=r, slope=slope, intercept=intercept, n=int(x.size))
+
+
+def fit_volume_calibration(run: api.Run, train: Sequence[manifest.Subject], quantities,
+                           num_subjects: int, batch_size: int) -> volumes_lib.Calibration:
+  """metrics.volumes calibration on (up to) `num_subjects` training subjects, as `evaluate`."""
+  picked = list(train[:num_subjects]) if num_subjects else list(train)
+  if len(picked) < 3:
+    raise DataError(f"volume calibration needs >= 3 training subjects of the run, found "
+                    f"{len(picked)}; give counterfactual.calibration_path")
+  data = run.config.data
+  vols = [_load(s.image_path, run) for s in picked]
+  raw = volumes_lib.raw_measurements(vols, run.affine, batch_size)
+  truth = {q: np.array([s.covariates[q] for s in picked]) for q in quantities}
+  return volumes_lib.fit_calibration(
+      raw, truth, dict(source="training split of the run's cohort",
+                       participants_tsv=manifest.tsv_path(data),
+                       subjects=[s.participant_id for s in picked]), quantities)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The validated `config.counterfactual` section."""
+  run_dir: str
+  out_dir: str
+  cohort: str
+  change: str
+  targets_tsv: str
+  max_subjects: int
+  num_steps: int | None
+  guidance_scale: float | None
+  strength: float
+  batch_size: int
+  calibration_subjects: int
+  calibration_path: str
+
+
+def settings_from_config(config, workdir: str) -> Settings:
+  c = config.counterfactual
+  if bool(c.change) == bool(c.targets_tsv):
+    raise ConfigError("give exactly one of counterfactual.change (e.g. 'age=+10') and "
+                      "counterfactual.targets_tsv (participant_id + target columns)")
+  for field in ("batch_size",):
+    if int(c[field]) < 1:
+      raise ConfigError(f"counterfactual.{field}={c[field]} must be >= 1")
+  for field in ("max_subjects", "calibration_subjects"):
+    if int(c[field]) < 0:
+      raise ConfigError(f"counterfactual.{field}={c[field]} must be >= 0")
+  return Settings(run_dir=os.path.abspath(c.run_dir or workdir),
+                  out_dir=os.path.abspath(c.out_dir or os.path.join(workdir, "counterfactual")),
+                  cohort=c.cohort, change=c.change, targets_tsv=c.targets_tsv,
+                  max_subjects=int(c.max_subjects), num_steps=int(c.num_steps) or None,
+                  guidance_scale=c.guidance_scale, strength=float(c.strength),
+                  batch_size=int(c.batch_size),
+                  calibration_subjects=int(c.calibration_subjects),
+                  calibration_path=c.calibration_path)
+
+
+def _cohort_config(run: api.Run, cohort: str):
+  """The run's data config pointed at `cohort` (a participants TSV or a BIDS folder)."""
+  data = copy.deepcopy(run.config.data)
+  if os.path.isdir(cohort):
+    data.data_dir, data.participants_tsv = cohort, ""
+  elif os.path.isfile(cohort):
+    data.data_dir, data.participants_tsv = os.path.dirname(os.path.abspath(cohort)), cohort
+  else:
+    raise DataError(f"counterfactual.cohort={cohort}: no such file or folder (give a "
+                    "participants.tsv or a BIDS folder holding one)")
+  return data
+
+
+def load_subjects(run: api.Run, cohort: str) -> tuple[list[manifest.Subject], str]:
+  """The subjects to edit and where they come from: `cohort`, else the run's validation split."""
+  if cohort:
+    return manifest.load_cohort(_cohort_config(run, cohort)), os.path.abspath(cohort)
+  data = run.config.data
+  _, val = manifest.split_subjects(manifest.load_cohort(data), data.val_fraction, data.split_seed)
+  return val, f"validation split of {manifest.tsv_path(data)}"
+
+
+def _load(path: str, run: api.Run) -> np.ndarray:
+  """One image on the run's grid; DataError when it cannot be put there."""
+  data = run.config.data
+  volume, affine = nifti.load_volume(path, tuple(data.shape), float(data.spacing),
+                                     tuple(data.clip_percentiles))
+  if not np.allclose(affine, run.affine, atol=1e-3):
+    raise DataError(f"{path}: lands on a grid with affine {np.round(affine, 3).tolist()}, not the "
+                    f"run's MNI grid {np.round(run.affine, 3).tolist()}; resample it to MNI space "
+                    f"at {data.spacing} mm first")
+  return volume
+
+
+def _figure(path: str, sid: str, original, reconstruction, edited, difference, spacing: float,
+            change_text: str) -> None:
+  """Original, reconstruction, edited on one window; the difference mid-grey at 0 beside them."""
+  window = figures.common_window([original], [reconstruction, edited])
+  lo, hi = window
+  m = max(float(np.percentile(np.abs(difference), 99.9)), 1e-6)
+  # The difference drawn in the same window: 0 at mid-grey, ±m at black / white.
+  shown = (lo + hi) / 2 + np.clip(difference / m, -1, 1) * (hi - lo) / 2
+  figures.save_montage_png(
+      [original, reconstruction, edited, shown], path, window=window, spacing=(spacing,) * 3,
+      titles=["original", "reconstruction", "edited", f"edited - recon. (±{m:.2f})"],
+      suptitle=f"{sid}: {change_text}")
+
+
+def _change_text(names, before, after) -> str:
+  parts = [f"{n} {b:g} -> {a:g}" for n, b, a in zip(names, before, after) if a != b]
+  return ", ".join(parts) or "no change"
+
+
+def _write_tsv(path: str, rows: list[dict]) -> None:
+  header = list(rows[0])
+  lines = ["\t".join(header)]
+  for row in rows:
+    lines.append("\t".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
+                           for k in header))
+  figures.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def run_counterfactual_job(config, workdir: str) -> dict:
+  """`config.job == "counterfactual"`: see the module docstring. Returns the summary."""
+  s = settings_from_config(config, workdir)
+  run = generate.load_checked_run(s.run_dir)
+  names = tuple(run.config.data.covariates)
+  options = edit_options(run, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                         strength=s.strength)
+  subjects, source = load_subjects(run, s.cohort)
+  if s.targets_tsv:
+    subjects, cond_from, cond_to = plan_targets(subjects, names, run.stats,
+                                                targets=read_targets_tsv(s.targets_tsv, names))
+  else:
+    subjects, cond_from, cond_to = plan_targets(subjects[:s.max_subjects or None], names,
+                                                run.stats, changes=parse_changes(s.change, names))
+  if s.targets_tsv and s.max_subjects:
+    subjects, cond_from, cond_to = (subjects[:s.max_subjects], cond_from[:s.max_subjects],
+                                    cond_to[:s.max_subjects])
+  if not subjects:
+    raise DataError(f"no subjects to edit in {source}")
+  quantities = [q for q in volumes_lib.QUANTITIES if q in names]
+  if s.calibration_path:
+    calibration = volumes_lib.Calibration.load(s.calibration_path)
+  else:
+    data = run.config.data
+    train, _ = manifest.split_subjects(manifest.load_cohort(data), data.val_fraction,
+                                       data.split_seed)
+    calibration = fit_volume_calibration(run, train, quantities, s.calibration_subjects,
+                                         s.batch_size)
+  logging.info("counterfactuals of %d subjects (%s) from %s: %s, DDIM %d steps, strength %g, "
+               "guidance %g", len(subjects), source, s.run_dir,
+               s.change or f"targets {s.targets_tsv}", options["num_steps"], options["strength"],
+               options["guidance_scale"])
+
+  program = jax.jit(counterfactual_fn(run, **options))
+  norm = lambda m: api.normalise_covariates(m, run.stats, names)
+  atlas = volumes_lib.atlas_for_grid(tuple(run.config.data.shape), run.affine)
+  spacing = float(run.config.data.spacing)
+  os.makedirs(s.out_dir, exist_ok=True)
+  rows, requested, measured = [], {q: [] for q in quantities}, {q: [] for q in quantities}
+  bs = s.batch_size
+  for start in range(0, len(subjects), bs):
+    batch = subjects[start:start + bs]
+    k = len(batch)
+    index = np.minimum(np.arange(start, start + bs), len(subjects) - 1)  # pad: one compilation
+    images = np.stack([_load(subjects[i].image_path, run) for i in index])
+    out = program(run.params, jnp.asarray(images), jnp.asarray(norm(cond_from[index])),
+                  jnp.asarray(norm(cond_to[index])))
+    out = {name: np.asarray(v)[:k] for name, v in out.items()}
+    volumes = {name: volumes_lib.measure(list(out[name]), run.affine, calibration, bs)
+               for name in ("reconstruction", "edited")}
+    original_volumes = volumes_lib.measure(list(images[:k]), run.affine, calibration, bs)
+    for b, subject in enumerate(batch):
+      i, sid = start + b, subject.participant_id
+      original, recon, edited = images[b], out["reconstruction"][b], out["edited"][b]
+      difference = edited - recon
+      folder = os.path.join(s.out_dir, sid)
+      nifti.save_volume(os.path.join(folder, f"{sid}_edited.nii.gz"), edited, run.affine,
+                        mni=True)
+      nifti.save_volume(os.path.join(folder, f"{sid}_reconstruction.nii.gz"), recon, run.affine,
+                        mni=True)
+      nifti.save_volume(os.path.join(folder, f"{sid}_difference.nii.gz"), difference, run.affine,
+                        mni=True)
+      change_text = _change_text(names, cond_from[i], cond_to[i])
+      _figure(os.path.join(folder, f"{sid}_counterfactual.png"), sid, original, recon, edited,
+              difference, spacing, change_text)
+      row = {"participant_id": sid}
+      for j, n in enumerate(names):
+        row[f"{n}_from"], row[f"{n}_to"] = float(cond_from[i, j]), float(cond_to[i, j])
+      for q in quantities:
+        j = names.index(q)
+        want = float(cond_to[i, j] - cond_from[i, j])
+        got = float(volumes["edited"][q][b] - volumes["reconstruction"][q][b])
+        row[f"requested_{q}_change"], row[f"measured_{q}_change"] = want, got
+        row[f"measured_{q}_original"] = float(original_volumes[q][b])
+        row[f"measured_{q}_edited"] = float(volumes["edited"][q][b])
+        requested[q].append(want)
+        measured[q].append(got)
+      row["autoencoder_mae"] = float(np.mean(np.abs(out["autoencoder"][b] - original)))
+      row["reconstruction_mae"] = float(np.mean(np.abs(recon - original)))
+      for region, value in region_changes(difference, atlas).items():
+        row[f"edit_mean_abs_{region}"] = value
+      rows.append(row)
+    logging.info("counterfactuals: %d/%d subjects", start + k, len(subjects))
+
+  summary = _summary(rows, requested, measured, quantities, s, options, source, run,
+                     calibration)
+  for q in quantities:
+    if np.std(requested[q]) > 0:
+      name = f"changes_{q}.png"
+      figures.scatter_requested_vs_measured(requested[q], measured[q],
+                                            os.path.join(s.out_dir, name),
+                                            f"{q.replace('_', ' ')} change", "mL",
+                                            title="edited - reconstruction")
+      summary["figures"].append(name)
+  _write_tsv(os.path.join(s.out_dir, "changes.tsv"), rows)
+  checkpoint_lib.write_json_atomic(os.path.join(s.out_dir, "summary.json"), summary)
+  logging.info("counterfactuals written to %s: reconstruction MAE %.4f vs autoencoder %.4f; %s",
+               s.out_dir, summary["reconstruction"]["inversion_mae"],
+               summary["reconstruction"]["autoencoder_mae"],
+               "; ".join(f"{q} change r={v['r']:.3f} slope={v['slope']:.3f}"
+                         for q, v in summary["changes"].items()))
+  return summary
+
+
+def _summary(rows, requested, measured, quantities, s: Settings, options, source, run,
+             calibration) -> dict:
+  ae = float(np.mean([r["autoencoder_mae"] for r in rows]))
+  inv = float(np.mean([r["reconstruction_mae"] for r in rows]))
+  return dict(
+      run_dir=s.run_dir, cohort=source, num_subjects=len(rows),
+      change=s.change or None, targets_tsv=os.path.abspath(s.targets_tsv) if s.targets_tsv
+      else None, options=options,
+      inverted_to_timestep=int(inversion.edit_timesteps(
+          int(run.config.diffusion.num_train_timesteps), options["num_steps"],
+          options["strength"], generate.timestep_spacing(run.config, "ddim"))[0]),
+      reconstruction=dict(autoencoder_mae=ae, inversion_mae=inv, ratio=inv / ae if ae else None,
+                          note="mean |image - original| over the whole grid; inversion: "
+                               "inverted and regenerated with the subject's own covariates"),
+      changes={q: dict(line_fit(requested[q], measured[q]),
+                       note="measured = calibrated volume of the edited brain minus that of "
+                            "the reconstruction (mL); requested = target - recorded value")
+               for q in quantities},
+      regions={region: float(np.mean([r[f"edit_mean_abs_{region}"] for r in rows]))
+               for region in REGIONS},
+      regions_note=("mean |edited - reconstruction| (image units, [0, 1]) in the template's "
+                    "ventricles dilated by %g mm, and in the rest of the brain mask"
+                    % volumes_lib.VENTRICLE_MARGIN_MM),
+      calibration=calibration.to_json(), figures=[])
+
+
+__all__ = ["Change", "counterfactual_fn", "edit_options", "make_editor", "make_inverter",
+           "parse_changes", "plan_targets", "read_targets_tsv", "run_counterfactual_job"]
