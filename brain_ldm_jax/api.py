@@ -70,25 +70,29 @@ def read_run_info(workdir: str) -> dict:
     return json.load(f)
 
 
-def load_run(workdir: str, *, use_ema: bool = True) -> Run:
-  """The latest autoencoder and LDM weights of a run directory, with its statistics and config."""
+def load_run(workdir: str, *, use_ema: bool = True, ldm_step: int | None = None) -> Run:
+  """The autoencoder and LDM weights of a run directory, with its statistics and config.
+
+  Reads only what sampling needs: the autoencoder's parameters and the UNet's EMA (or raw)
+  parameters, never the optimizer moments. Each checkpoint is verified against its digests; a
+  damaged newest step falls back to the newest intact one with a warning. `ldm_step` asks for one
+  LDM step by number instead (a DataError naming it when it is damaged).
+  """
   from brain_ldm_jax.train import checkpoint as checkpoint_lib  # orbax only when loading
   info = read_run_info(workdir)
   if info.get("scale_factor") is None:
     raise DataError(f"{workdir}: the latent diffusion stage has not started; nothing to sample")
   config = ml_collections.ConfigDict(info["config"])
   params = {}
-  for name, directory, key in (("autoencoder", AE_DIR, "params"),
-                               ("unet", LDM_DIR, "ema_params" if use_ema else "params")):
+  for name, directory, key, step in (
+      ("autoencoder", AE_DIR, "params", None),
+      ("unet", LDM_DIR, "ema_params" if use_ema else "params", ldm_step)):
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, directory))
     try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise DataError(f"{workdir}/{directory} has no finished checkpoint")
-      tree = ckpt.restore_state_only(None, step)
+      _, tree = ckpt.restore_subtree(key, step)
     finally:
       ckpt.close()
-    params[name] = jax.tree.map(jnp.asarray, tree[key])
+    params[name] = jax.tree.map(jnp.asarray, tree)
   return Run(config=config, params=params,
              stats=manifest.CovariateStats.from_json(info["covariate_stats"]),
              scale_factor=float(info["scale_factor"]), affine=np.asarray(info["affine"]),

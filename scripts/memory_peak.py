@@ -3,6 +3,7 @@ r"""What is alive at the memory peak of the paper autoencoder train step, as XLA
     python scripts/memory_peak.py                          # 160×224×160, batch 1, remat
     python scripts/memory_peak.py --shape 80,112,80        # the same peak at 1/8 the size
     python scripts/memory_peak.py --conv_impl native --dtype bfloat16 --top 20
+    python scripts/memory_peak.py --load_run               # what api.load_run reads vs the states
 
 Compiles (does not run) the adversarial step of `train/autoencoder.py` with the paper preset,
 dumps the optimised HLO for the default backend (CPU or GPU), and replays its schedule: every
@@ -117,6 +118,36 @@ def report(insts, ranges, top: int, curve_threshold_gib: float | None) -> None:
         last = i
 
 
+def load_run_bytes() -> None:
+  """Bytes of the paper preset's train states against what `api.load_run` restores of them.
+
+  From abstract states (jax.eval_shape: nothing is allocated). load_run holds what it restores on
+  one device (host memory on CPU); verifying the digests reads it in place.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+
+  config = presets.base_config("paper")
+  mesh = sharding_lib.make_mesh(config.mesh)
+  nbytes = lambda x: x.size * x.dtype.itemsize  # noqa: E731
+  size = lambda tree: sum(map(nbytes, jax.tree.leaves(tree)))  # noqa: E731
+  gib = lambda n: n / 2**30  # noqa: E731
+  states = {"autoencoder": (ae_stage.build(config, mesh, jax.random.key(0))["abstract"], "params"),
+            "ldm": (ldm_stage.build(config, mesh, jax.random.key(0))["abstract"], "ema_params")}
+  total_state = total_read = 0
+  for name, (state, key) in states.items():
+    read = getattr(state, key)
+    total_state, total_read = total_state + size(state), total_read + size(read)
+    largest = max(map(nbytes, jax.tree.leaves(read)))
+    print(f"{name:12s} train state {gib(size(state)):6.2f} GiB; load_run reads {key} "
+          f"{gib(size(read)):6.2f} GiB (largest array {gib(largest):.3f} GiB)")
+  print(f"{'both':12s} train state {gib(total_state):6.2f} GiB; load_run reads "
+        f"{gib(total_read):6.2f} GiB")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--shape", default="160,224,160", help="image shape (default: the paper's)")
@@ -127,7 +158,12 @@ def main(argv=None):
   parser.add_argument("--curve", type=float, default=None, metavar="GIB",
                       help="also list the local maxima above GIB")
   parser.add_argument("--keep_dump", action="store_true", help="keep the HLO dump (else deleted)")
+  parser.add_argument("--load_run", action="store_true",
+                      help="print what api.load_run reads of the paper states, and exit")
   args = parser.parse_args(argv)
+  if args.load_run:
+    load_run_bytes()
+    return
   dump = tempfile.mkdtemp(prefix="memory_peak_")
   # XLA reads its flags once, when the backend starts: before jax is imported.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

@@ -113,18 +113,23 @@ def run_stage(stage: Stage, batches: Iterator[dict], data_iterator=None,
   ckpt = checkpoint_lib.Checkpointer(stage.directory, keep=stage.keep_checkpoints)
   writer = writer or reporting.make_writer(stage.directory)
   try:
+    # A finished stage's checkpoint need not hold a data position (converted weights do not).
     latest = ckpt.latest_step()
-    if latest is not None and latest >= stage.num_steps:
-      logging.info("%s: finished (checkpoint at step %d), skipping", stage.name, latest)
-      state, _ = ckpt.restore(latest, stage.abstract_state)
-      return state
-    if latest is None:
-      state = stage.init_state()
-      start = 0
+    finished = latest is not None and latest >= stage.num_steps
+    # Damaged newer steps are warned about and set aside: training redoes them.
+    found = ckpt.restore_newest_intact(stage.abstract_state, None if finished else data_iterator,
+                                       set_aside=True)
+    if found is not None and found[0] >= stage.num_steps:
+      logging.info("%s: finished (checkpoint at step %d), skipping", stage.name, found[0])
+      return found[1]
+    if found is None:
+      state, start, latest = stage.init_state(), 0, None
     else:
-      state, _ = ckpt.restore(latest, stage.abstract_state, data_iterator)
-      start = latest
-      logging.info("%s: resumed from step %d", stage.name, latest)
+      start, state = found
+      if finished and data_iterator is not None:  # fell back from the final step
+        state, _ = ckpt.restore(start, stage.abstract_state, data_iterator)
+      latest = start
+      logging.info("%s: resumed from step %d", stage.name, start)
     state = _train(stage, state, start, batches, data_iterator, ckpt, writer, latest)
     ckpt.wait()
     return state
