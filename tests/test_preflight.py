@@ -21,7 +21,7 @@ GOOD = ("sub-01", "sub-14", "sub-15")
 # subject -> what the report must say about it
 BAD = {
     "sub-02": "no image at",
-    "sub-03": "cut_T1w.nii.gz: is truncated or corrupt: its gzip trailer says",
+    "sub-03": "cut_T1w.nii.gz: is truncated or corrupt: its gzip stream breaks off",
     "sub-04": "is 4D with shape (32, 32, 32, 2)",
     "sub-05": "has shape (32, 32, 1); a 3D volume is needed",
     "sub-06": "has voxel sizes [4.0, 4.0, 0.0] mm",
@@ -146,3 +146,20 @@ def test_check_data_job(bad_cohort, tmp_path, capsys):
   assert bad.returncode != 0
   assert "12 of 15 subjects have problems" in bad.stderr and "Traceback" not in bad.stderr
   assert all(sid in bad.stderr for sid in BAD)
+
+
+def test_gzip_trailer_and_stream(tmp_path):
+  grid = nifti.mni_affine(SHAPE, SPACING)
+  raw = tmp_path / "x.nii"
+  _save(str(raw), np.random.default_rng(1).integers(0, 100, SHAPE), grid)
+  blob = raw.read_bytes()
+  # Two gzip streams (as block-gzip writers make): the trailer gives the last one's size only.
+  multi = tmp_path / "multi.nii.gz"
+  multi.write_bytes(gzip.compress(blob[:1000]) + gzip.compress(blob[1000:]))
+  # A complete gzip stream of a file cut short: the trailer is right about what it holds.
+  short = tmp_path / "short.nii.gz"
+  short.write_bytes(gzip.compress(blob[:-5000]))
+  check = lambda p: preflight.image_problems(str(p), SHAPE, grid, assume_mni=False)
+  assert check(multi) == []
+  assert check(short) == [f"{short}: is truncated: {len(blob) - 5000} bytes of contents, its "
+                          f"header needs {len(blob)}; re-export or re-download the file"]

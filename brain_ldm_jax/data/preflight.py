@@ -5,7 +5,8 @@ parsed (`manifest.read_cohort`: missing covariates, non-numeric values, unknown 
 subjects, missing images) and every image's header is read, never its voxels:
 
 - unreadable or foreign files, and files shorter than their header says (.nii: the file's size;
-  .nii.gz: the gzip trailer's uncompressed size, the last 4 bytes);
+  .nii.gz: the gzip trailer's uncompressed size, the last 4 bytes, and where that disagrees the
+  decompressed stream);
 - anything but one 3D volume (4D series, 2D slices);
 - zero, absurd or singular voxel sizes;
 - images off the MNI grid (`nifti.mni_problem`: no or Talairach xform, or a field of view that
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gzip
 import os
 import struct
 import time
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,31 +40,49 @@ from brain_ldm_jax.errors import DataError
 READ_THREADS = 16
 
 
-def _stored_size(path: str) -> int | None:
-  """Uncompressed size of a file's contents mod 2**32 (gzip's ISIZE trailer), or None if unknown."""
-  if path.endswith(".gz"):
-    with open(path, "rb") as f:
-      f.seek(0, os.SEEK_END)
-      if f.tell() < 18:  # shorter than a gzip header and trailer
-        return 0
-      f.seek(-4, os.SEEK_END)
-      return struct.unpack("<I", f.read(4))[0]
-  return os.path.getsize(path)
+def _gzip_trailer_size(path: str) -> int:
+  """The uncompressed size mod 2**32 that a gzip file's last 4 bytes (ISIZE) state."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() < 18:  # shorter than a gzip header and trailer
+      return -1
+    f.seek(-4, os.SEEK_END)
+    return struct.unpack("<I", f.read(4))[0]
+
+
+def _gzip_contents_size(path: str) -> int | None:
+  """Bytes that decompress from the whole file, or None where the stream breaks off."""
+  size = 0
+  try:
+    with gzip.open(path, "rb") as f:
+      while chunk := f.read(1 << 24):
+        size += len(chunk)
+  except (EOFError, OSError, zlib.error):
+    return None
+  return size
 
 
 def truncation_problem(path: str, img) -> str | None:
-  """Why the file holds fewer bytes than its header says (cut off, or a corrupt gzip), or None."""
+  """Why the file holds fewer bytes than its header says (cut off, or a corrupt gzip), or None.
+
+  A .nii.gz is judged by its gzip trailer, which single-stream writers (nibabel, dcm2niix, FSL)
+  end with the uncompressed size; only when that disagrees is the file decompressed to be sure
+  (a multi-stream gzip's trailer gives its last stream only).
+  """
   # The proxy's offset is where nibabel reads the voxels (old files store vox_offset 0).
   needed = int(img.dataobj.offset) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-  stored = _stored_size(path)
   if path.endswith(".gz"):
-    # ISIZE is the size mod 2**32 of a single-member gzip file (what nibabel and dcm2niix write).
-    if stored != needed % 2**32:
-      return (f"is truncated or corrupt: its gzip trailer says {stored} bytes uncompressed, its "
-              f"header needs {needed}; re-export or re-download the file")
-  elif stored < needed:
-    return (f"is truncated: {stored} bytes, its header needs {needed}; re-export or re-download "
-            "the file")
+    if _gzip_trailer_size(path) == needed % 2**32:
+      return None
+    stored = _gzip_contents_size(path)
+    if stored is None:
+      return ("is truncated or corrupt: its gzip stream breaks off; re-export or re-download the "
+              "file")
+  else:
+    stored = os.path.getsize(path)
+  if stored < needed:
+    return (f"is truncated: {stored} bytes of contents, its header needs {needed}; re-export or "
+            "re-download the file")
   return None
 
 
