@@ -190,6 +190,7 @@ def test_job_from_config(tmp_path):
   with pytest.raises(ConfigError, match="synthetic_dir"):
     reader_study.run_reader_study_job(config, str(tmp_path))
   config.reader_study.synthetic_dir = str(tmp_path / "samples")
+  config.data.assume_mni = True  # the job puts volumes on the run's MNI grid; these are not MNI
   config.reader_study.num_trials = 4
   config.reader_study.display_size = 32
   # real_dir defaults to <workdir>/cohort (the project's cohort job writes it there).
@@ -207,7 +208,7 @@ def test_cli_runs_job_and_scorer(tmp_path):
       [sys.executable, "-m", "brain_ldm_jax.main",
        f"--config={os.path.join(REPO, 'configs', 'reader_study.py')}:test",
        f"--workdir={tmp_path / 'w'}", f"--config.reader_study.real_dir={tmp_path / 'real'}",
-       f"--config.reader_study.synthetic_dir={tmp_path / 'synth'}",
+       f"--config.reader_study.synthetic_dir={tmp_path / 'synth'}", "--config.data.assume_mni=True",
        "--config.reader_study.num_trials=4", "--config.reader_study.display_size=32"],
       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert run.returncode == 0, run.stderr[-2000:]
@@ -306,3 +307,35 @@ def test_score_rejects_foreign_answers():
     score_lib.score(key, [bad])
   with pytest.raises(DataError, match="maybe"):
     score_lib.score(key, [_answers(["real", "maybe"])])
+
+
+def test_job_puts_both_classes_on_the_run_grid(tmp_path):
+  # A real scan with its own field of view and voxel size (the MNI152 template, 1 mm) against
+  # samples on the run's 4 mm grid: taken as they are, the fields of view differ (warning); the
+  # job puts both on the run's grid, so they do not.
+  import nilearn  # pylint: disable=import-outside-toplevel
+  from brain_ldm_jax.data import nifti  # pylint: disable=import-outside-toplevel
+  template = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
+                          "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+  config = _load_config("test")
+  os.makedirs(tmp_path / "real")
+  os.symlink(template, tmp_path / "real" / "mni.nii.gz")
+  grid = trials_lib.Grid.from_config(config.data)
+  volume, affine = nifti.load_volume(template, grid.shape, grid.spacing)
+  for i in range(2):
+    nifti.save_volume(str(tmp_path / "synth" / f"s{i}.nii.gz"), np.roll(volume, i, 0), affine)
+  options = dict(num_trials=4, display_size=32)
+
+  def fov_warnings(make):
+    warnings = []
+    with pytest.MonkeyPatch.context() as m:
+      m.setattr(trials_lib.logging, "warning", lambda *a: warnings.append(a[0]))
+      make()
+    return [w for w in warnings if "fields of view" in w]
+
+  assert fov_warnings(lambda: reader_study.make_study(
+      str(tmp_path / "real"), str(tmp_path / "synth"), str(tmp_path / "as_is"), **options))
+  config.reader_study.real_dir = str(tmp_path / "real")
+  config.reader_study.synthetic_dir = str(tmp_path / "synth")
+  config.reader_study.update(options)
+  assert not fov_warnings(lambda: reader_study.run_reader_study_job(config, str(tmp_path)))

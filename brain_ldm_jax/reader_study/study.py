@@ -45,12 +45,15 @@ def make_study(real_dir: str,
                clip_percentiles: Sequence[float] = (0.5, 99.5),
                window: str = "pooled",
                display_size: int = 256,
-               title: str = "Real or synthetic?") -> dict:
+               title: str = "Real or synthetic?",
+               grid: trials_lib.Grid | None = None) -> dict:
   """Draw, render and write a study; returns {"page": path, "key": path, "study_id": id}.
 
   The page (`reader_study.html`) is what readers get; the key (`answer_key.json`) stays with the
   organiser. The seed fixes which volumes, views and order are used; trial ids and the study id
   are fresh random tokens every time, so nothing in the page can be derived from the seed.
+  With `grid` (the job passes the run's), every volume is loaded onto it through its affine;
+  without, volumes are taken as they are and should already share one grid.
   """
   if not 2 <= int(confidence_levels) <= 9:
     raise ConfigError(f"config.reader_study.confidence_levels={confidence_levels} must be in "
@@ -61,7 +64,8 @@ def make_study(real_dir: str,
   percentiles = figures.check_percentiles(clip_percentiles)
   specs = trials_lib.plan_trials(real, synthetic, int(num_trials), trial_types,
                                  tuple(position_range), int(seed))
-  images, info = trials_lib.render_trials(specs, percentiles, str(window), int(display_size))
+  images, info = trials_lib.render_trials(specs, percentiles, str(window), int(display_size),
+                                          grid)
 
   study_id = "s" + secrets.token_hex(5)
   payload = page_lib.page_payload(
@@ -139,7 +143,8 @@ def run_reader_study_job(config, workdir: str) -> dict:
                       "generated NIfTI volumes (e.g. the generate job's output), "
                       "--config.reader_study.synthetic_dir=DIR")
   out_dir = opts.pop("out_dir") or os.path.join(workdir, "reader_study")
-  result = make_study(out_dir=out_dir, **opts)
+  # Both classes on the run's MNI grid (samples already are; real scans are put there).
+  result = make_study(out_dir=out_dir, grid=trials_lib.Grid.from_config(config.data), **opts)
   print(f"reader study {result['study_id']}:\n  page (send to readers): {result['page']}\n"
         f"  answer key (keep private): {result['key']}\n  score with: python -m "
         f"brain_ldm_jax.reader_study.score --key {result['key']} ANSWERS.json ...")

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from brain_ldm_jax import figures
+from brain_ldm_jax.data import nifti
 from brain_ldm_jax.errors import ConfigError, DataError
 
 CLASSES = ("real", "synthetic")
@@ -74,6 +75,28 @@ def find_volumes(folder: str, field: str) -> list[str]:
   if not found:
     raise DataError(f"{field}={folder!r} holds no .nii or .nii.gz files (searched recursively)")
   return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """A run's MNI grid (data.shape at data.spacing mm): real and synthetic volumes alike are put on
+  it, so neither field of view nor voxel size can tell the classes apart."""
+  shape: tuple[int, int, int]
+  spacing: float
+  assume_mni: bool = False
+
+  @classmethod
+  def from_config(cls, data_config) -> Grid:
+    return cls(tuple(int(n) for n in data_config.shape), float(data_config.spacing),
+               bool(data_config.get("assume_mni", False)))
+
+
+def load_on_grid(path: str, grid: Grid) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """A NIfTI volume on the grid (nifti.load_volume, min-max scaled: the study sets its own
+  window), and the grid's voxel spacing in mm."""
+  volume, _ = nifti.load_volume(path, grid.shape, grid.spacing, clip_percentiles=None,
+                                assume_mni=grid.assume_mni)
+  return volume, (grid.spacing,) * 3
 
 
 def load_canonical(path: str) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -198,15 +221,16 @@ def _position_index(box: tuple[int, int], fraction: float) -> int:
   return int(round(first + fraction * (last - first)))
 
 
-def load_trial_slices(specs: Sequence[TrialSpec],
-                      percentiles: tuple[float, float]) -> dict[str, _Loaded]:
-  """Load each source volume once and keep only the raw slices its trials need."""
+def load_trial_slices(specs: Sequence[TrialSpec], percentiles: tuple[float, float],
+                      grid: Grid | None = None) -> dict[str, _Loaded]:
+  """Load each source volume once (onto `grid`, else as it is) and keep only the raw slices its
+  trials need."""
   by_source: dict[str, list[TrialSpec]] = {}
   for spec in specs:
     by_source.setdefault(spec.source, []).append(spec)
   loaded = {}
   for source, its_specs in by_source.items():
-    volume, spacing = load_canonical(source)
+    volume, spacing = load_canonical(source) if grid is None else load_on_grid(source, grid)
     finite = volume[np.isfinite(volume)]
     if finite.size == 0:
       raise DataError(f"{source}: the volume holds no finite values")
@@ -243,7 +267,8 @@ def display_shapes(loaded: Sequence[_Loaded], display_size: int) -> dict:
 
 
 def render_trials(specs: Sequence[TrialSpec], percentiles: tuple[float, float],
-                  window_mode: str, display_size: int) -> tuple[dict, dict]:
+                  window_mode: str, display_size: int,
+                  grid: Grid | None = None) -> tuple[dict, dict]:
   """PNG bytes per trial (list, in plane order) and the rendering facts for the key.
 
   Returns:
@@ -255,7 +280,7 @@ def render_trials(specs: Sequence[TrialSpec], percentiles: tuple[float, float],
                       "from both classes, equal weight) or 'per_volume'")
   if not 16 <= int(display_size) <= 1024:
     raise ConfigError(f"config.reader_study.display_size={display_size} must be in [16, 1024]")
-  loaded = load_trial_slices(specs, percentiles)
+  loaded = load_trial_slices(specs, percentiles, grid)
   truth_of = {s.source: s.truth for s in specs}
   sources = list(loaded)
   shapes = [loaded[s].shape for s in sources]
