@@ -6,7 +6,7 @@
 Reads participants.tsv and each image's header (not its voxels) and prints a report: exit 0 when
 clean (or with --config.data.skip_bad_subjects=True, which lists who training would leave out),
 otherwise one error listing every problem. The preset sets the grid the images are checked
-against (data.shape, data.spacing). Writes nothing.
+against (data.shape, data.spacing). The check itself writes no files.
 """
 
 from brain_ldm_jax import presets

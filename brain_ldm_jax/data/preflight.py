@@ -143,7 +143,7 @@ def checked_subjects(data_config) -> list[manifest.Subject]:
 def run_check_data_job(config, workdir: str) -> manifest.Cohort:
   """The `check_data` job: print the pre-flight's report; DataError (non-zero exit) on problems
   unless `data.skip_bad_subjects` (then the report says who training would leave out)."""
-  del workdir  # the check writes nothing
+  del workdir  # the check itself writes no files
   start = time.monotonic()
   cohort = check_cohort(config.data)
   seconds = time.monotonic() - start
