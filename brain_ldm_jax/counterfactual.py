@@ -472,7 +472,7 @@ def _figure(path: str, sid: str, original, reconstruction, edited, difference, s
   shown = (lo + hi) / 2 + np.clip(difference / m, -1, 1) * (hi - lo) / 2
   figures.save_montage_png(
       [original, reconstruction, edited, shown], path, window=window, spacing=(spacing,) * 3,
-      titles=["original", "reconstruction", "edited", f"edited - recon. (±{m:.2f})"],
+      titles=["original", "reconstruction", "edited", f"difference ±{m:.2g}"],
       suptitle=f"{sid}: {change_text}")
 
 
