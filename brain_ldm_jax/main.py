@@ -109,8 +109,7 @@ def resolved_config():
   """The parsed config with its derived sizes set and every shared field checked."""
   config = _CONFIG.value
   explicit = config_flags.get_override_values(flags.FLAGS["config"])
-  with config.unlocked():
-    config_checks.derive_network_sizes(config, explicit)
+  config_checks.derive_network_sizes(config, explicit)
   config_checks.check_config(config)
   return config
 
