@@ -34,7 +34,7 @@ from brain_ldm_jax.data import manifest
 from brain_ldm_jax.diffusion import guidance
 from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion import schedules
-from brain_ldm_jax.errors import ConfigError, DataError
+from brain_ldm_jax.errors import DataError
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 from brain_ldm_jax.nn import conv_lowering
 from brain_ldm_jax.nn import unet as unet_lib
