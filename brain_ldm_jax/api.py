@@ -260,3 +260,28 @@ def make_sampler(run: Run, *, sampler: str | None = None, num_steps: int | None 
 
   sample.normalised = sample_normalised  # for callers that already hold normalised covariates
   return sample
+
+
+def sweep(sample: Callable, params, key: jax.Array, cond: Mapping[str, float], name: str,
+          values: Sequence[float]) -> np.ndarray:
+  """Brains that differ only in covariate `name`: (len(values), X, Y, Z), one per value.
+
+  `sample` comes from `make_sampler`; `cond` holds one value per covariate (the fixed ones).
+  Every brain starts from the same noise, `fold_in(key, 0)`, so what changes from row to row is
+  what the model attributes to the covariate.
+  """
+  if name not in cond:
+    raise DataError(f"sweep: covariate {name!r} is not among {', '.join(cond)}")
+  values = np.asarray(values, np.float64)
+  if values.ndim != 1 or values.size == 0:
+    raise DataError(f"sweep: values of {name} must be a non-empty 1-D sequence; got shape "
+                    f"{values.shape}")
+  fixed = {}
+  for n, c in cond.items():
+    if np.size(c) != 1:
+      raise DataError(f"sweep: covariate {n} needs one value, got {np.size(c)}")
+    fixed[n] = [float(np.ravel(c)[0])]
+  # One batch-1 call per value: each sample's id is then 0 (the same noise), and every call
+  # reuses the one compiled program.
+  return np.stack([np.asarray(sample(params, key, {**fixed, name: [float(v)]}))[0]
+                   for v in values])

@@ -22,7 +22,7 @@ from brain_ldm_jax.nn import conv_lowering
 DTYPES = ("float32", "bfloat16")
 LATENT_MODES = ("mean", "sample")
 # What the `ldm` job can run; train/pipeline.py runs them in this order.
-STAGES = ("autoencoder", "ldm", "samples")
+STAGES = ("autoencoder", "ldm", "samples", "summary")
 
 
 def fail(field: str, value: Any, allowed: str) -> None:
@@ -262,6 +262,16 @@ def check_sampling(config) -> None:
   _one_of(config, "sampling.timestep_spacing", ("",) + samplers.TIMESTEP_SPACINGS)
   _int_at_least(config, "sampling.num_samples", 0)
   _int_at_least(config, "sampling.seed", 0)
+  if "sweep_covariates" in s:  # runs from before sweeps and the summary had neither field
+    sweep = s.sweep_covariates
+    if not isinstance(sweep, (tuple, list)) or not all(isinstance(n, str) for n in sweep):
+      fail("sampling.sweep_covariates", sweep, "a tuple of covariate names, or () for no sweeps")
+    _int_at_least(config, "sampling.sweep_values", 2)
+  if "summary_samples" in s:
+    _int_at_least(config, "sampling.summary_samples", 2)
+    _int_at_least(config, "sampling.summary_calibration_subjects", 3)
+    _one_of(config, "sampling.summary_sampler", samplers.SAMPLERS)
+    _int_at_least(config, "sampling.summary_num_steps", 1)
 
 
 def _check_training_loop(config, section: str) -> None:

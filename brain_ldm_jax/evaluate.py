@@ -3,8 +3,9 @@
     python -m brain_ldm_jax.main --config=configs/evaluate.py --workdir=DIR \
         --config.evaluate.run_dir=RUN
 
-1. Covariates of N samples are drawn (with a seeded RNG) from the run's validation subjects (the
-   run's data config and split seed), and N brains are generated (or read from samples_dir).
+1. Covariates of N samples are drawn (with a seeded RNG) from the run's training cohort's joint
+   distribution (`draw_conditions`: whole subject rows, jittered), so the requested values span
+   the training range, and N brains are generated (or read from samples_dir).
 2. Diversity: mean MS-SSIM and 4-G-R-SSIM over random distinct pairs, of the generated set and of
    the real validation set (the paper: closer to the real value is better).
 3. FID with MedicalNet (Med3D) features when weights are given; refused with the metrics module's
@@ -96,12 +97,51 @@ def _all(volumes) -> np.ndarray:
 # ----------------------------------------------------------------------------- samples
 
 
-def draw_conditions(val, names, num_samples: int, seed: int) -> tuple[np.ndarray, list[str]]:
-  """(N, n) covariates of N validation subjects drawn with a seeded RNG, and their ids."""
+def draw_conditions(subjects, names, num_samples: int, seed: int,
+                    jitter: float = 0.1) -> tuple[np.ndarray, list[str]]:
+  """(N, n) requested covariates drawn from the subjects' joint distribution, and the source ids.
+
+  Whole subject rows are resampled (seeded), so the covariates keep the cohort's correlations
+  (older subjects have larger ventricles); every continuous covariate then moves by Gaussian
+  noise of `jitter` times its standard deviation, clipped to the subjects' range, so N samples
+  request N distinct values instead of repeating a few subjects. Binary covariates (sex) are kept.
+  """
+  if not subjects:
+    raise DataError("draw_conditions: no subjects to draw covariates from")
   rng = np.random.default_rng(seed)
-  idx = rng.choice(len(val), num_samples, replace=num_samples > len(val))
-  return (np.array([[val[i].covariates[n] for n in names] for i in idx], np.float64),
-          [val[i].participant_id for i in idx])
+  idx = rng.choice(len(subjects), num_samples, replace=num_samples > len(subjects))
+  table = np.array([[s.covariates[n] for n in names] for s in subjects], np.float64)
+  cond = table[idx]
+  for j in range(len(names)):
+    column = table[:, j]
+    if len(np.unique(column)) <= 2:
+      continue
+    noise = rng.normal(0.0, jitter * column.std(), num_samples)
+    cond[:, j] = np.clip(cond[:, j] + noise, column.min(), column.max())
+  return cond, [subjects[i].participant_id for i in idx]
+
+
+def subject_volumes(subjects, data_config) -> np.ndarray:
+  """The subjects' preprocessed volumes (N, X, Y, Z) on the run's grid."""
+  return _all(_LazyVolumes([s.image_path for s in subjects], data_config))
+
+
+def fit_volume_calibration(run: api.Run, train, quantities, num_subjects: int, seed: int,
+                           batch_size: int) -> volumes_lib.Calibration:
+  """metrics.volumes' linear calibration on `num_subjects` training subjects picked by `seed`."""
+  rng = np.random.default_rng(seed)
+  k = min(len(train), int(num_subjects))
+  picked = [train[i] for i in sorted(rng.choice(len(train), k, replace=False))]
+  logging.info("calibrating volume measurements on %d training subjects", k)
+  raw = volumes_lib.raw_measurements(_LazyVolumes([s.image_path for s in picked], run.config.data),
+                                     run.affine, batch_size)
+  truth = {q: np.array([s.covariates[q] for s in picked]) for q in quantities}
+  return volumes_lib.fit_calibration(
+      raw, truth, dict(source="training split of the run's cohort",
+                       participants_tsv=manifest.tsv_path(run.config.data),
+                       subjects=[s.participant_id for s in picked],
+                       grid=dict(shape=list(run.config.data.shape),
+                                 spacing=float(run.config.data.spacing))), quantities)
 
 
 def generate(run: api.Run, cond: np.ndarray, e) -> np.ndarray:
@@ -233,19 +273,8 @@ def conditioning(run, e, train, real, real_subjects, generated, cond, names) -> 
   if e.calibration_path:
     calibration = volumes_lib.Calibration.load(e.calibration_path)
   else:
-    rng = np.random.default_rng(e.seed + 1)
-    k = min(len(train), int(e.calibration_subjects))
-    picked = [train[i] for i in sorted(rng.choice(len(train), k, replace=False))]
-    logging.info("calibrating volume measurements on %d training subjects", k)
-    raw = volumes_lib.raw_measurements(_LazyVolumes([s.image_path for s in picked], run.config.data),
-                                       affine, int(e.batch_size))
-    truth = {q: np.array([s.covariates[q] for s in picked]) for q in quantities}
-    calibration = volumes_lib.fit_calibration(
-        raw, truth, dict(source="training split of the run's cohort",
-                         participants_tsv=manifest.tsv_path(run.config.data),
-                         subjects=[s.participant_id for s in picked],
-                         grid=dict(shape=list(run.config.data.shape),
-                                   spacing=float(run.config.data.spacing))), quantities)
+    calibration = fit_volume_calibration(run, train, quantities, int(e.calibration_subjects),
+                                         e.seed + 1, int(e.batch_size))
   out = dict(calibration=calibration.to_json(), quantities={})
   measured_real = volumes_lib.measure(real, affine, calibration, int(e.batch_size))
   measured_gen = volumes_lib.measure(generated, affine, calibration, int(e.batch_size))
@@ -440,7 +469,7 @@ def run_evaluate_job(config, workdir: str) -> dict:
   real_subjects = val[:int(e.max_real)] if e.max_real else val
   logging.info("evaluating %s: %d training, %d real validation subjects", run_dir, len(train),
                len(real_subjects))
-  real = _all(_LazyVolumes([s.image_path for s in real_subjects], data))
+  real = subject_volumes(real_subjects, data)
   real_ids = [s.participant_id for s in real_subjects]
   writer = jax.process_index() == 0
   if writer:
@@ -452,10 +481,11 @@ def run_evaluate_job(config, workdir: str) -> dict:
   else:
     if e.num_samples < 2:
       raise ConfigError(f"config.evaluate.num_samples={e.num_samples}: need >= 2")
-    cond, cond_ids = draw_conditions(val, names, int(e.num_samples), int(e.seed))
+    cond, cond_ids = draw_conditions(train, names, int(e.num_samples), int(e.seed))
     generated = generate(run, cond, e)
     gen_ids = [f"sample-{i:04d}" for i in range(len(generated))]
-    source = "generated, covariates of validation subjects " + ", ".join(sorted(set(cond_ids)))
+    source = (f"generated, covariates drawn from the rows of {len(set(cond_ids))} of the "
+              f"{len(train)} training subjects, jittered")
     if writer and e.save_samples:
       write_samples(os.path.join(out_dir, "samples"), generated, cond, names, cond_ids, run.affine)
 

@@ -287,6 +287,72 @@ def save_montage_png(volumes: Sequence[np.ndarray],
   return window
 
 
+def rows_array(volumes: Sequence[np.ndarray],
+               window: tuple[float, float],
+               position: Sequence[float] = (0.5, 0.5, 0.5),
+               spacing: Sequence[float] | None = None,
+               gap: int = 2) -> np.ndarray:
+  """`montage_array` turned on its side: one row per volume (axial, coronal, sagittal), uint8."""
+  volumes = [_as_volume(v) for v in volumes]
+  if not volumes:
+    raise DataError("rows_array: no volumes given")
+  slices = [[apply_window(s, window) for s in orthogonal_slices(v, position, spacing)]
+            for v in volumes]
+  col_widths = [max(row[c].shape[1] for row in slices) for c in range(3)]
+  row_heights = [max(s.shape[0] for s in row) for row in slices]
+  canvas = np.zeros((sum(row_heights) + gap * (len(volumes) - 1), sum(col_widths) + gap * 2),
+                    np.uint8)
+  y = 0
+  for row, h in zip(slices, row_heights):
+    x = 0
+    for s, w in zip(row, col_widths):
+      oy, ox = y + (h - s.shape[0]) // 2, x + (w - s.shape[1]) // 2
+      canvas[oy:oy + s.shape[0], ox:ox + s.shape[1]] = s
+      x += w + gap
+    y += h + gap
+  return canvas
+
+
+def save_rows_png(volumes: Sequence[np.ndarray],
+                  path: str | os.PathLike,
+                  labels: Sequence[str],
+                  window: tuple[float, float] | None = None,
+                  spacing: Sequence[float] | None = None,
+                  suptitle: str | None = None,
+                  scale: float = 2.0) -> tuple[float, float]:
+  """One row per volume, labelled on the left (e.g. a covariate sweep); returns the window."""
+  volumes = [_as_volume(v) for v in volumes]
+  if len(labels) != len(volumes):
+    raise ConfigError(f"labels has {len(labels)} entries for {len(volumes)} volumes")
+  if window is None:
+    window = common_window(volumes)
+  gap = 2
+  image = rows_array(volumes, window, spacing=spacing, gap=gap)
+  plt = _pyplot()
+  dpi, label_px = 100.0, 90
+  sup_px = 10 + 12 * len(suptitle.splitlines()) if suptitle else 0
+  h, w = image.shape
+  fig_w, fig_h = (w * scale + label_px) / dpi, (h * scale + sup_px) / dpi
+  fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+  try:
+    ax = fig.add_axes((label_px / dpi / fig_w, 0.0, w * scale / dpi / fig_w,
+                       h * scale / dpi / fig_h))
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_axis_off()
+    heights = [max(s.shape[0] for s in orthogonal_slices(v, spacing=spacing)) for v in volumes]
+    y = 0
+    for label, rh in zip(labels, heights):
+      fig.text((label_px - 6) / dpi / fig_w, 1.0 - (sup_px + (y + rh / 2) * scale) / dpi / fig_h,
+               str(label), ha="right", va="center", fontsize=8)
+      y += rh + gap
+    if suptitle:
+      fig.suptitle(suptitle, fontsize=9, y=1.0 - 2 / dpi / fig_h, va="top")
+    _atomic_savefig(fig, path, dpi=dpi)
+  finally:
+    plt.close(fig)
+  return window
+
+
 # ----------------------------------------------------------------------------- charts
 
 

@@ -117,6 +117,16 @@ def _sampling(preset: str) -> ml_collections.ConfigDict:
   s.guidance_scale = 1.0  # 1.0: no classifier-free guidance, one network call per step
   s.num_samples = {"paper": 4, "demo": 4, "test": 2}[preset]
   s.seed = 0
+  # Counterfactual sweeps of the samples stage: one noise, one covariate over its training range
+  # in `sweep_values` steps, the others at the training subjects' medians.
+  s.sweep_covariates = ("ventricular_volume", "age", "brain_volume")
+  s.sweep_values = {"paper": 5, "demo": 5, "test": 2}[preset]
+  # The summary stage: N brains for covariates drawn from the training cohort, measured. The
+  # fast sampler keeps it cheap (DPM-Solver++(2M)-20 is as accurate as DDIM-50 here).
+  s.summary_samples = {"paper": 64, "demo": 64, "test": 3}[preset]
+  s.summary_sampler = "dpmpp_2m"
+  s.summary_num_steps = {"paper": 20, "demo": 20, "test": 2}[preset]
+  s.summary_calibration_subjects = {"paper": 300, "demo": 60, "test": 8}[preset]
   return s
 
 
@@ -176,7 +186,7 @@ def base_config(preset: str | None) -> ml_collections.ConfigDict:
   c.preset = preset
   c.seed = 0
   # What the `ldm` job runs, in order; e.g. ("autoencoder",) trains only the first stage.
-  c.stages = ("autoencoder", "ldm", "samples")
+  c.stages = ("autoencoder", "ldm", "samples", "summary")
   c.data = _data(preset)
   c.autoencoder = _autoencoder(preset)
   c.discriminator = _discriminator(preset)

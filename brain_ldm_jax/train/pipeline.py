@@ -1,4 +1,4 @@
-"""The `ldm` job: cohort -> autoencoder -> latent diffusion -> a few samples (NIfTI + PNG).
+"""The `ldm` job: cohort -> autoencoder -> latent diffusion -> samples and sweeps -> summary.
 
 Each stage resumes from its latest checkpoint and is skipped when finished, so rerunning the same
 command after an interruption continues where it stopped.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from brain_ldm_jax import api
+from brain_ldm_jax import evaluate
 from brain_ldm_jax import figures
 from brain_ldm_jax import sharding as sharding_lib
+from brain_ldm_jax import summary as summary_lib
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import pipeline as data_pipeline
@@ -155,12 +158,18 @@ def train_ldm(config, workdir, mesh, train, stats, autoencoder, ae_params, scale
   return loop.run_stage(stage, loader, data_iterator=loader)
 
 
-def write_samples(run: api.Run, val, out_dir: str, num_samples: int, seed: int) -> list[str]:
-  """Samples for the first validation subjects' covariates, as NIfTI and one PNG montage."""
+def write_samples(run: api.Run, val, train, out_dir: str, sampling) -> list[str]:
+  """Samples for the first validation subjects' covariates, as NIfTI and one PNG beside those
+  subjects' real brains (same slices and window), then the covariate sweeps."""
   names = tuple(run.config.data.covariates)
-  cond = np.array([[s.covariates[n] for n in names] for s in val[:num_samples]])
+  subjects = val[:sampling.num_samples]
+  cond = np.array([[s.covariates[n] for n in names] for s in subjects])
   sample = api.make_sampler(run)
-  volumes = np.asarray(sample(run.params, jax.random.key(seed), cond))
+  key = jax.random.key(sampling.seed)
+  # Batch-1 calls (sample i still uses fold_in(key, i)): the sweeps reuse the same program.
+  volumes = np.concatenate([np.asarray(sample(run.params, key, cond[i:i + 1], first_index=i))
+                            for i in range(len(cond))])
+  summary_lib.write_sweeps(run, sample, train, out_dir, sampling)
   if jax.process_index() != 0:
     return []
   os.makedirs(out_dir, exist_ok=True)
@@ -169,17 +178,23 @@ def write_samples(run: api.Run, val, out_dir: str, num_samples: int, seed: int) 
     path = os.path.join(out_dir, f"sample-{i:03d}.nii.gz")
     nifti.save_volume(path, volume, run.affine)
     paths.append(path)
-  titles = [figures.sample_title(dict(zip(names, row))) for row in cond]
-  figures.save_montage_png(list(volumes), os.path.join(out_dir, "samples.png"), titles=titles,
-                           window=(0.0, 1.0))
+  real = evaluate.subject_volumes(subjects, run.config.data)
+  columns = [v for pair in zip(real, volumes) for v in pair]
+  titles = [t for s, row in zip(subjects, cond)
+            for t in (f"real {s.participant_id}", figures.sample_title(dict(zip(names, row))))]
+  figures.save_montage_png(columns, os.path.join(out_dir, "samples.png"), titles=titles,
+                           window=figures.common_window(list(real), list(volumes)),
+                           suptitle="real validation brains, each beside a sample generated for "
+                                    "its covariates")
   logging.info("wrote %d samples and samples.png to %s", len(paths), out_dir)
   return paths
 
 
-STAGES = ("autoencoder", "ldm", "samples")
+STAGES = ("autoencoder", "ldm", "samples", "summary")
 
 
 def run_ldm_job(config, workdir: str) -> None:
+  started = time.monotonic()
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ConfigError(f"config.stages has unknown {unknown}; stages are {', '.join(STAGES)}")
@@ -205,6 +220,12 @@ def run_ldm_job(config, workdir: str) -> None:
     return
   if "samples" in config.stages:
     run = api.load_run(workdir)
-    write_samples(run, val or train, os.path.join(workdir, SAMPLES_DIR),
-                  config.sampling.num_samples, config.sampling.seed)
+    write_samples(run, val or train, train, os.path.join(workdir, SAMPLES_DIR), config.sampling)
+  if "summary" in config.stages:
+    run = api.load_run(workdir)
+    numbers = summary_lib.summarise(run, train, val, config.sampling,
+                                    seconds_before=time.monotonic() - started)
+    if jax.process_index() == 0:
+      print(summary_lib.format_block(numbers), flush=True)
+      summary_lib.write_summary(workdir, numbers)
   logging.info("done: %s (TensorBoard: tensorboard --logdir %s)", workdir, workdir)
