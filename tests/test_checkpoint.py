@@ -9,9 +9,11 @@ raises or the values differ from their digests), and the newest intact step is u
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -344,3 +346,74 @@ def test_cli_rerun_after_damage_goes_on(tmp_path):
     assert int(ckpt.restore_state_only(step=3)["step"]) == 3
   finally:
     ckpt.close()
+
+
+# Two processes, each holding half of a sharded array: digests are gathered from both, each
+# checks its own shards, and both agree on the fallback.
+
+
+def _two_process_worker(process_id: int, port: str, directory: str) -> None:
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=process_id)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
+
+  def state(step):
+    value = np.random.default_rng(step).standard_normal((64, 8)).astype(np.float32)
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    return {"w": jax.make_array_from_callback(value.shape, spec, lambda index: value[index])}
+
+  def assert_holds(restored, step):  # this process's shards
+    want = state(step)["w"]
+    for got, expected in zip(restored["w"].addressable_shards, want.addressable_shards, strict=True):
+      np.testing.assert_array_equal(np.asarray(got.data), np.asarray(expected.data))
+
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state(0))
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  for step in STEPS:
+    ckpt.save(step, state(step), {})
+  ckpt.close()
+  multihost_utils.sync_global_devices("saved")
+  if process_id == 0:  # a digest of a shard that only process 1 holds no longer matches
+    path = os.path.join(directory, str(STEPS[-1]), checkpoint_lib.STEP_METADATA_FILE)
+    with open(path) as f:
+      metadata = json.load(f)
+    shards = metadata["custom_metadata"][checkpoint_lib.DIGESTS_KEY]["w"]["shards"]
+    shards[:] = [[index, "0" * 64 if index[0] == [48, 64] else digest] for index, digest in shards]
+    with open(path, "w") as f:
+      json.dump(metadata, f)
+  multihost_utils.sync_global_devices("damaged")
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  step, restored = ckpt.restore_newest_intact(abstract, set_aside=True)
+  assert_holds(restored, step)
+  ckpt.save(STEPS[-1], state(STEPS[-1]), {})  # saved again after the fallback
+  ckpt.close()
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  again, restored = ckpt.restore_newest_intact(abstract)
+  assert_holds(restored, again)
+  ckpt.close()
+  print(f"process {process_id}: fell back to {step}, then restored {again}", flush=True)
+
+
+def test_two_processes_agree_on_the_fallback(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  directory = str(tmp_path / "ldm")
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), port, directory], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert [out.strip().splitlines()[-1] for out, _ in outputs] == [
+      f"process {i}: fell back to {STEPS[-2]}, then restored {STEPS[-1]}" for i in range(2)]
+  assert "w[48:64, 0:8] differs from its digest" in outputs[1][1]
+  assert "damaged on another process" in outputs[0][1]
+
+
+if __name__ == "__main__":
+  _two_process_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
