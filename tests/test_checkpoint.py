@@ -225,7 +225,7 @@ def test_job_falls_back_and_goes_on(tmp_path, kind, num_steps, caplog):
   assert "falling back to step 3" in caplog.text
   _assert_equal(state, reference)
   assert os.listdir(os.path.join(directory, checkpoint_lib.SET_ASIDE_DIR))[0].startswith("4-")
-  # What it saved after the fallback is intact and final: a rerun skips the stage.
+  # What it saved after the fallback is listed and intact.
   ckpt = checkpoint_lib.Checkpointer(directory)
   try:
     assert ckpt.latest_step() == num_steps
