@@ -177,11 +177,12 @@ def sweep_values(stats: manifest.CovariateStats, name: str, count: int) -> np.nd
   return np.linspace(stats.minimum[j], stats.maximum[j], int(count))
 
 
-def value_label(name: str, value: float) -> str:
+def value_label(name: str, value: float, with_name: bool = True) -> str:
   if name == "sex":
     return "sex M" if value >= 0.5 else "sex F"
   unit = UNITS.get(name, "")
-  return f"{name.replace('_', ' ')} {value:.0f}{' ' + unit if unit else ''}"
+  text = f"{value:.0f}{' ' + unit if unit else ''}"
+  return f"{name.replace('_', ' ')} {text}" if with_name else text
 
 
 def write_sweeps(run: api.Run, sample, train: Sequence[manifest.Subject], out_dir: str,
@@ -211,8 +212,8 @@ def write_sweeps(run: api.Run, sample, train: Sequence[manifest.Subject], out_di
     others = ", ".join(value_label(n, fixed[n]) for n in names if n != name)
     path = os.path.join(out_dir, f"sweep_{name}.png")
     title = f"{name.replace('_', ' ')} swept, one noise\n{others}"
-    figures.save_rows_png(list(volumes), path, [value_label(name, v) for v in values],
-                          window=(0.0, 1.0), suptitle=title)
+    labels = [value_label(name, v, with_name=False) for v in values]
+    figures.save_rows_png(list(volumes), path, labels, window=(0.0, 1.0), suptitle=title)
     paths.append(path)
   if paths:
     logging.info("wrote %d covariate sweeps to %s", len(paths), out_dir)
