@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -82,7 +81,7 @@ REGIONS = ("ventricle_region", "rest_of_brain")
 
 def edit_options(run: api.Run, *, num_steps: int | None = None,
                  guidance_scale: float | None = None, strength: float = 1.0) -> dict:
-  """Validated settings: the run's DDIM step list and guidance unless given; `strength` in (0, 1]."""
+  """Validated settings: the run's DDIM steps and guidance unless given; `strength` in (0, 1]."""
   options = api.sampling_options(run, sampler="ddim", num_steps=num_steps, eta=0.0,
                                  guidance_scale=guidance_scale)
   inversion.num_edit_steps(options["num_steps"], strength)
@@ -359,14 +358,14 @@ def region_changes(difference: np.ndarray, atlas: volumes_lib.Atlas) -> dict[str
 
 
 def line_fit(requested, measured) -> dict:
-  """Pearson r, least-squares slope and intercept of measured vs requested; NaN when undefined."""
+  """Pearson r, least-squares slope and intercept of measured vs requested; None when undefined
+  (e.g. every subject requested the same change)."""
   x, y = np.asarray(requested, np.float64), np.asarray(measured, np.float64)
   r = figures.pearson_r(x, y)
+  slope = intercept = None
   if x.size >= 2 and np.std(x) > 0:
     slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
-  else:
-    slope = intercept = float("nan")
-  return dict(r=r, slope=slope, intercept=intercept, n=int(x.size))
+  return dict(r=r if math.isfinite(r) else None, slope=slope, intercept=intercept, n=int(x.size))
 
 
 def fit_volume_calibration(run: api.Run, train: Sequence[manifest.Subject], quantities,
@@ -564,6 +563,7 @@ def run_counterfactual_job(config, workdir: str) -> dict:
         got = float(volumes["edited"][q][b] - volumes["reconstruction"][q][b])
         row[f"requested_{q}_change"], row[f"measured_{q}_change"] = want, got
         row[f"measured_{q}_original"] = float(original_volumes[q][b])
+        row[f"measured_{q}_reconstruction"] = float(volumes["reconstruction"][q][b])
         row[f"measured_{q}_edited"] = float(volumes["edited"][q][b])
         requested[q].append(want)
         measured[q].append(got)
@@ -582,14 +582,14 @@ def run_counterfactual_job(config, workdir: str) -> dict:
       figures.scatter_requested_vs_measured(requested[q], measured[q],
                                             os.path.join(s.out_dir, name),
                                             f"{q.replace('_', ' ')} change", "mL",
-                                            title="edited - reconstruction")
+                                            title="edit")
       summary["figures"].append(name)
   _write_tsv(os.path.join(s.out_dir, "changes.tsv"), rows)
   checkpoint_lib.write_json_atomic(os.path.join(s.out_dir, "summary.json"), summary)
   logging.info("counterfactuals written to %s: reconstruction MAE %.4f vs autoencoder %.4f; %s",
                s.out_dir, summary["reconstruction"]["inversion_mae"],
                summary["reconstruction"]["autoencoder_mae"],
-               "; ".join(f"{q} change r={v['r']:.3f} slope={v['slope']:.3f}"
+               "; ".join(f"{q} change r={v['r']} slope={v['slope']}"
                          for q, v in summary["changes"].items()))
   return summary
 
@@ -612,6 +612,11 @@ def _summary(rows, requested, measured, quantities, s: Settings, options, source
                        note="measured = calibrated volume of the edited brain minus that of "
                             "the reconstruction (mL); requested = target - recorded value")
                for q in quantities},
+      # How much of a covariate's spread the decoded brains show at all: a ceiling for the
+      # slope of any edit, set by the autoencoder and the measurement, not by the inversion.
+      reconstruction_vs_recorded={
+          q: line_fit([r[f"{q}_from"] for r in rows],
+                      [r[f"measured_{q}_reconstruction"] for r in rows]) for q in quantities},
       regions={region: float(np.mean([r[f"edit_mean_abs_{region}"] for r in rows]))
                for region in REGIONS},
       regions_note=("mean |edited - reconstruction| (image units, [0, 1]) in the template's "

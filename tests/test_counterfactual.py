@@ -150,11 +150,14 @@ def test_job_writes_nifti_figures_and_tables(tiny, tmp_path):
                            for k in ("edited", "reconstruction", "difference"))
     np.testing.assert_allclose(diff, edited - recon, atol=1e-6)
     assert (out / sid / f"{sid}_counterfactual.png").read_bytes()[:4] == b"\x89PNG"
-  with open(out / "summary.json") as f:
-    saved = json.load(f)
+  text = (out / "summary.json").read_text()
+  assert "NaN" not in text  # strict JSON: undefined fits are null
+  saved = json.loads(text)
   assert saved["num_subjects"] == len(val) == summary["num_subjects"]
   assert set(saved["changes"]) == {"ventricular_volume", "brain_volume"}
   assert saved["changes"]["ventricular_volume"]["n"] == len(val)
+  assert saved["changes"]["brain_volume"]["r"] is None  # no brain-volume change was requested
+  assert saved["reconstruction_vs_recorded"]["ventricular_volume"]["n"] == len(val)
   assert saved["reconstruction"]["autoencoder_mae"] > 0
   assert set(saved["regions"]) == set(counterfactual.REGIONS)
   assert "changes_ventricular_volume.png" in saved["figures"]
