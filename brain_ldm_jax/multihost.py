@@ -27,7 +27,8 @@ LOST_PEER_EXIT = 1
 # What JAX's runtime prints when it ends a process over another one's failure, and the lines that
 # start a report which, when it turns out to be about a lost peer, is replaced by one line.
 _FATAL = "Terminating process because the JAX distributed service detected fatal errors"
-_REPORT_STARTS = ("Traceback (most recent call last)", "coordination_service", _FATAL)
+_REPORT_STARTS = ("Traceback (most recent call last)", "coordination_service",
+                  "Failed to retrieve preemption notice", _FATAL)
 _UNHEALTHY = "The following tasks are unhealthy"
 _LOST_COORDINATOR = "Failed to send RPC to coordination service"
 

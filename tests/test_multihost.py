@@ -33,6 +33,8 @@ LOST_WORKER = [
 
 # Process 1 when the coordinator died: the failed collective's traceback comes first.
 LOST_COORDINATOR = [
+    "W1206 23:37:10.161577    1016 preemption_sync_manager.cc:147] Failed to retrieve preemption "
+    "notice from coordination service: UNAVAILABLE: Socket closed\n",
     "Traceback (most recent call last):\n",
     '  File "/work/main/.venv/lib/python3.11/site-packages/jax/_src/api.py", line 2492\n',
     "jax.errors.JaxRuntimeError: INTERNAL: Gloo all-reduce failed: Connection reset by peer\n",
