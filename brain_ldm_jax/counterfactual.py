@@ -58,6 +58,7 @@ import numpy as np
 from absl import logging
 
 from brain_ldm_jax import api
+from brain_ldm_jax import evaluate
 from brain_ldm_jax import figures
 from brain_ldm_jax import generate
 from brain_ldm_jax.data import manifest
@@ -368,23 +369,6 @@ def line_fit(requested, measured) -> dict:
   return dict(r=r if math.isfinite(r) else None, slope=slope, intercept=intercept, n=int(x.size))
 
 
-def fit_volume_calibration(run: api.Run, train: Sequence[manifest.Subject], quantities,
-                           num_subjects: int, batch_size: int) -> volumes_lib.Calibration:
-  """metrics.volumes calibration on (up to) `num_subjects` training subjects, as `evaluate`."""
-  picked = list(train[:num_subjects]) if num_subjects else list(train)
-  if len(picked) < 3:
-    raise DataError(f"volume calibration needs >= 3 training subjects of the run, found "
-                    f"{len(picked)}; give counterfactual.calibration_path")
-  data = run.config.data
-  vols = [_load(s.image_path, run) for s in picked]
-  raw = volumes_lib.raw_measurements(vols, run.affine, batch_size)
-  truth = {q: np.array([s.covariates[q] for s in picked]) for q in quantities}
-  return volumes_lib.fit_calibration(
-      raw, truth, dict(source="training split of the run's cohort",
-                       participants_tsv=manifest.tsv_path(data),
-                       subjects=[s.participant_id for s in picked]), quantities)
-
-
 # ----------------------------------------------------------------------------------------------
 # The job
 
@@ -515,8 +499,9 @@ def run_counterfactual_job(config, workdir: str) -> dict:
     data = run.config.data
     train, _ = manifest.split_subjects(manifest.load_cohort(data), data.val_fraction,
                                        data.split_seed)
-    calibration = fit_volume_calibration(run, train, quantities, s.calibration_subjects,
-                                         s.batch_size)
+    calibration = evaluate.fit_volume_calibration(
+        run, train, quantities, s.calibration_subjects or len(train), seed=0,
+        batch_size=s.batch_size)
   logging.info("counterfactuals of %d subjects (%s) from %s: %s, DDIM %d steps, strength %g, "
                "guidance %g", len(subjects), source, s.run_dir,
                s.change or f"targets {s.targets_tsv}", options["num_steps"], options["strength"],
