@@ -3,7 +3,7 @@ r"""Counterfactuals of real subjects: the same brain with other covariates, by D
     from brain_ldm_jax import api, counterfactual
     run = api.load_run("runs/demo")
     edit = counterfactual.make_editor(run, num_steps=50)          # strength=1.0: all the way
-    older = edit(run.params, images, cond, dict(cond, age=cond["age"] + 10))  # (B, X, Y, Z)
+    older = edit(run.params, images, cond, dict(cond, age=np.add(cond["age"], 10)))  # (B, X, Y, Z)
     invert = counterfactual.make_inverter(run, num_steps=50)
     noise = invert(run.params, images, cond)   # what DDIM (eta 0) regenerates the subjects from
 
