@@ -137,7 +137,7 @@ class BadRecords:
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
-  """grain workers read absl flags; a spawned worker has not parsed them (DESIGN.md §5)."""
+  """grain workers read absl flags; a spawned worker has not parsed them."""
   del worker_index, worker_count
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

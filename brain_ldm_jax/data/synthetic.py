@@ -57,10 +57,10 @@ class Template:
 
 
 def _find_lateral_ventricles(t1: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
-  """The two largest dark components inside a central MNI box (DESIGN.md §5).
+  """The two largest dark components inside a central MNI box.
 
   The threshold (the box's darkest 10% of brain voxels) gives two 6.6 mL components, as the
-  6.4 mL each of the design probe; looser thresholds leak into the sulci.
+  6.4 mL each that a manual probe of the template found; looser thresholds leak into the sulci.
   """
   # The template's affine is axis-aligned, so the box is a product of 1D ranges.
   x, y, z = (affine[a, a] * np.arange(n) + affine[a, 3] for a, n in enumerate(t1.shape))

@@ -2,8 +2,9 @@
 
 Every convolution in the networks goes through `conv`. On GPU/TPU the native convolution is the
 fast path (cuDNN / the TPU convolution unit). On CPU, XLA's native 3D convolution is 2-10x slower
-than PyTorch's (see DESIGN.md §5): `impl="auto"` uses oneDNN's convolutions through an XLA custom
-call (`onednn.py`) where that is available, and exact rewrites into XLA operations where it is not.
+than PyTorch's (benchmarks/benchmark.md): `impl="auto"` uses oneDNN's convolutions through an
+XLA custom call (`onednn.py`) where that is available, and exact rewrites into XLA operations
+where it is not.
 `choose_impl` holds the rule.
 
 Lowerings of a 3D convolution (all exact in exact arithmetic; all but winograd compute the same
