@@ -47,7 +47,7 @@ from brain_ldm_jax.metrics import ssim as ssim_lib
 from brain_ldm_jax.metrics import volumes as volumes_lib
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 
-# DESIGN.md §1 (Pinaya et al. 2022, Table 1 and the conditioning check).
+# Pinaya et al. 2022, Table 1 and the conditioning check.
 PAPER_METRICS = {
     "LDM": dict(fid=0.0076, ms_ssim=0.6555, four_g_r_ssim=0.3883),
     "LDM+DDIM": dict(fid=0.0080, ms_ssim=0.6704, four_g_r_ssim=0.3957),
