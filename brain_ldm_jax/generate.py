@@ -69,9 +69,8 @@ PLAN_FILE = ".brain_ldm_generate.json"
 TMP_PREFIX = ".tmp-"  # every temporary file starts with it (nifti.save_volume's too)
 BIDS_VERSION = "1.9.0"
 OUTPUT_DTYPES = ("float32", "int16")
-# config.json: the resolved job config that `main` writes into every workdir before a job starts.
 ROOT_FILES = ("dataset_description.json", "participants.tsv", "participants.json", "README",
-              "config.json", PLAN_FILE)
+              PLAN_FILE)
 SUBJECT_RE = re.compile(r"^sub-[A-Za-z0-9]+$")
 SOURCE_ID_COLUMN = "source_participant_id"
 NOISE_RULE = "jax.random.fold_in(jax.random.key(Seed), SubjectIndex)"

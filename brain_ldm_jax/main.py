@@ -35,7 +35,7 @@ _COORDINATOR = flags.DEFINE_string(
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False,
     "Print the resolved config (every field, after overrides and derived sizes) as JSON and exit. "
-    "Every job also writes it to WORKDIR/config.json before it starts.")
+    "Every job but generate also writes it to WORKDIR/config.json before it starts.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
@@ -44,6 +44,9 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "others then stop with a line naming it (a lost coordinator is noticed at once).")
 
 CONFIG_FILE = "config.json"  # the resolved config of the latest start, in the workdir
+# Jobs whose workdir is the dataset they write: it holds only the dataset (byte-identical at any
+# batch size or device count), and the job records its own settings in it.
+_WORKDIR_IS_DATASET = ("generate",)
 
 # job name -> "module:function(config, workdir)". A job is listed here once it exists.
 JOBS = {
@@ -139,7 +142,8 @@ def main(argv):
       return
     _maybe_initialize_distributed()
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    write_config_json(config, _WORKDIR.value)
+    if config.job not in _WORKDIR_IS_DATASET:
+      write_config_json(config, _WORKDIR.value)
     job(config, _WORKDIR.value)
   except UserError as e:
     _exit_with(e)
