@@ -155,10 +155,17 @@ def test_cli_prints_the_resolved_config_and_writes_it_before_the_job(tmp_path):
   assert printed["unet"]["in_channels"] == 6 and printed["unet"]["cross_attention_dim"] == 3
   assert printed["data"]["covariates"] == ["age", "sex", "brain_volume"]
   # A job writes the same file before it starts, even when the job itself then stops.
+  workdir = tmp_path / "counterfactual"
+  result = _cli("--config=configs/counterfactual.py:test", f"--workdir={workdir}")
+  assert result.returncode == 2 and _error_lines(result.stderr) == [
+      "error: give exactly one of counterfactual.change (e.g. 'age=+10') and "
+      "counterfactual.targets_tsv (participant_id + target columns)"], result.stderr
+  written = json.loads((workdir / "config.json").read_text())
+  assert written["job"] == "counterfactual" and written["counterfactual"]["change"] == ""
+  # Except generate's: its workdir is the dataset, which holds nothing but the dataset.
   workdir = tmp_path / "generate"
   result = _cli("--config=configs/generate.py:test", f"--workdir={workdir}")
   assert result.returncode == 2 and _error_lines(result.stderr) == [
       "error: generate.run_dir is empty: set --config.generate.run_dir to the workdir of a "
       "trained run (the one holding run.json)"], result.stderr
-  written = json.loads((workdir / "config.json").read_text())
-  assert written["job"] == "generate" and written["generate"]["run_dir"] == ""
+  assert not (workdir / "config.json").exists()
