@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from brain_ldm_jax import presets
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.errors import ConfigError, DataError
+from test_train import _free_port, _wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -201,9 +201,7 @@ def test_two_processes_give_identical_images(tiny_run, wanted_tsv, datasets):
   # Two processes of one device each (process p samples subjects p, p + 2, ...; batch 1 each) vs
   # the reference's one process with batch 4; the first 4 subjects of the table.
   out = str(datasets["root"] / "two_processes")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = _free_port()
   runs = []
   for i in range(2):
     command = _command(out, tiny_run, wanted_tsv, batch_size=2,
@@ -214,16 +212,7 @@ def test_two_processes_give_identical_images(tiny_run, wanted_tsv, datasets):
     runs.append((subprocess.Popen(["timeout", "-s", "KILL", str(TIMEOUT), *command], cwd=REPO,
                                   env=_env(1, datasets["cache"]), stdout=subprocess.DEVNULL,
                                   stderr=log), log))
-  try:
-    for proc, log in runs:
-      proc.wait(timeout=TIMEOUT)
-      log.seek(0)
-      assert proc.returncode == 0, log.read()[-4000:]
-  finally:
-    for proc, log in runs:
-      proc.kill()
-      proc.wait()
-      log.close()
+  _wait_all(runs)
   reference = datasets["reference"]
   for i in range(4):
     assert filecmp.cmp(generate.image_path(out, generate.subject_label(i)),
