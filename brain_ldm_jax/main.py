@@ -6,7 +6,6 @@ The config file picks the job (`config.job`); presets come through the config st
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -18,8 +17,10 @@ from ml_collections import config_flags
 
 from brain_ldm_jax import config_checks
 from brain_ldm_jax import host
+from brain_ldm_jax import files
 from brain_ldm_jax import multihost
 from brain_ldm_jax.errors import UserError
+from brain_ldm_jax.jobs import resolve_job
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -47,35 +48,6 @@ CONFIG_FILE = "config.json"  # the resolved config of the latest start, in the w
 # Jobs whose workdir is the dataset they write: it holds only the dataset (byte-identical at any
 # batch size or device count), and the job records its own settings in it.
 _WORKDIR_IS_DATASET = ("generate",)
-
-# job name -> "module:function(config, workdir)". A job is listed here once it exists.
-JOBS = {
-    "cohort": "brain_ldm_jax.data.synthetic:run_cohort_job",
-    "ldm": "brain_ldm_jax.train.pipeline:run_ldm_job",
-    "generate": "brain_ldm_jax.generate:run_generate_job",
-    "evaluate": "brain_ldm_jax.evaluate:run_evaluate_job",
-    "reader_study": "brain_ldm_jax.reader_study:run_reader_study_job",
-    "counterfactual": "brain_ldm_jax.counterfactual:run_counterfactual_job",
-    "check_data": "brain_ldm_jax.data.preflight:run_check_data_job",
-}
-
-
-class UsageError(UserError):
-  """A mistake in how the job was called."""
-
-
-def resolve_job(name: str):
-  """The function that runs job `name`, or a UsageError saying what exists."""
-  if name not in JOBS:
-    raise UsageError(f"config.job={name!r} is not a job; jobs: {', '.join(sorted(JOBS))}")
-  module_name, function_name = JOBS[name].split(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and module_name.startswith(e.name):
-      raise UsageError(f"the {name!r} job is not implemented yet in this version") from e
-    raise
-  return getattr(module, function_name)
 
 
 class _QuietLibraries:
@@ -119,10 +91,9 @@ def resolved_config():
 
 def write_config_json(config, workdir: str) -> None:
   import jax  # after jax.distributed.initialize: only process 0 writes
-  from brain_ldm_jax.train import checkpoint
   if jax.process_index() == 0:
-    checkpoint.write_json_atomic(os.path.join(workdir, CONFIG_FILE),
-                                 json.loads(config.to_json_best_effort()))
+    files.write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                            json.loads(config.to_json_best_effort()))
 
 
 def main(argv):

@@ -122,3 +122,12 @@ def run_child(argv: Sequence[str], process_id: int | None, coordinator: str | No
     return LOST_PEER_EXIT
   report.release()
   return code if code >= 0 else 128 - code
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name`; nothing to wait for in one process."""
+  # jax is imported here, not above: the launching process (run_child) never loads it.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

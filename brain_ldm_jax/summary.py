@@ -3,7 +3,7 @@
 The summary (`summarise`, the `summary` stage; one printed block and WORKDIR/summary.json):
 
 1. N requested covariate rows are drawn from the training cohort's joint distribution
-   (`evaluate.draw_conditions`, the evaluate job's drawing), and N brains generated with the run's
+   (`covariates.draw_conditions`, the evaluate job's drawing), and N brains generated with the run's
    fast sampler (`sampling.summary_sampler`, `sampling.summary_num_steps`).
 2. Their ventricular and brain volumes are measured (metrics.volumes, calibrated on training
    subjects as the evaluate job does): Pearson r and MAE against the requested values.
@@ -25,21 +25,23 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
 from brain_ldm_jax import api
+from brain_ldm_jax import covariates
 from brain_ldm_jax import evaluate
 from brain_ldm_jax import figures
+from brain_ldm_jax import files
+from brain_ldm_jax import sampling as sampling_lib
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.metrics import ssim as ssim_lib
 from brain_ldm_jax.metrics import volumes as volumes_lib
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
-from brain_ldm_jax.train import checkpoint as checkpoint_lib
 
 SUMMARY_FILE = "summary.json"
+SAMPLES_DIR = "samples"  # in the workdir: the samples stage's NIfTI and PNGs
 KEYS = ("ventricular_volume_r", "brain_volume_r", "ventricular_volume_mae_ml",
         "brain_volume_mae_ml", "num_samples", "ae_val_ssim", "msssim_generated_pairs",
         "msssim_real_pairs", "seconds_total")
@@ -96,15 +98,16 @@ def summarise(run: api.Run, train: Sequence[manifest.Subject], val: Sequence[man
   start = time.monotonic()
   names = list(run.config.data.covariates)
   n = int(sampling.summary_samples)
-  cond, _ = evaluate.draw_conditions(train, names, n, int(sampling.seed))
-  options = ml_collections.ConfigDict(dict(
-      sampler=sampling.summary_sampler, num_steps=int(sampling.summary_num_steps),
-      seed=int(sampling.seed), batch_size=min(BATCH_SIZE, n)))
+  cond, _ = covariates.draw_conditions(train, names, n, int(sampling.seed))
+  options = api.sampling_options(run, sampler=sampling.summary_sampler,
+                                 num_steps=int(sampling.summary_num_steps))
   logging.info("summary: %d brains with %s-%d for covariates drawn from %d training subjects", n,
-               options.sampler, options.num_steps, len(train))
-  generated = evaluate.generate(run, cond, options)
+               options["sampler"], options["num_steps"], len(train))
+  sample = sampling_lib.make_volume_sampler(run, options, batch_size=min(BATCH_SIZE, n))
+  generated = sample(run.params, jax.random.key(int(sampling.seed)), cond)
 
-  out = dict(num_samples=n, sampler=options.sampler, num_steps=options.num_steps, notes=[])
+  out = dict(num_samples=n, sampler=options["sampler"], num_steps=options["num_steps"],
+             notes=[])
   quantities = [q for q in volumes_lib.QUANTITIES if q in names]
   if quantities:
     calibration = evaluate.fit_volume_calibration(
@@ -154,8 +157,41 @@ def format_block(summary: Mapping) -> str:
 
 def write_summary(workdir: str, summary: Mapping) -> str:
   path = os.path.join(workdir, SUMMARY_FILE)
-  checkpoint_lib.write_json_atomic(path, dict(summary))
+  files.write_json_atomic(path, dict(summary))
   return path
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def write_samples(run: api.Run, val, train, out_dir: str, sampling) -> list[str]:
+  """Samples for the first validation subjects' covariates, as NIfTI and one PNG beside those
+  subjects' real brains (same slices and window), then the covariate sweeps."""
+  names = tuple(run.config.data.covariates)
+  subjects = val[:sampling.num_samples]
+  cond = np.array([[s.covariates[n] for n in names] for s in subjects])
+  # Batch 1 (the device count): the sweeps' calls, one brain each, reuse the same program.
+  sample = sampling_lib.make_volume_sampler(run, api.sampling_options(run))
+  volumes = sample(run.params, jax.random.key(sampling.seed), cond)
+  write_sweeps(run, sample, train, out_dir, sampling)
+  if jax.process_index() != 0:
+    return []
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for i, volume in enumerate(volumes):
+    path = os.path.join(out_dir, f"sample-{i:03d}.nii.gz")
+    nifti.save_volume(path, volume, run.affine)
+    paths.append(path)
+  real = evaluate.subject_volumes(subjects, run.config.data)
+  columns = [v for pair in zip(real, volumes) for v in pair]
+  titles = [t for s, row in zip(subjects, cond)
+            for t in (f"real {s.participant_id}", figures.sample_title(dict(zip(names, row))))]
+  figures.save_montage_png(columns, os.path.join(out_dir, "samples.png"), titles=titles,
+                           window=figures.common_window(list(real), list(volumes)),
+                           suptitle="real validation brains, each beside a sample generated for "
+                                    "its covariates")
+  logging.info("wrote %d samples and samples.png to %s", len(paths), out_dir)
+  return paths
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -190,7 +226,8 @@ def write_sweeps(run: api.Run, sample, train: Sequence[manifest.Subject], out_di
   """`sweep_<covariate>.png` and `sweep_<covariate>/*.nii.gz` for each of the run's covariates
   named in `sampling.sweep_covariates`.
 
-  `sample` is the run's `api.make_sampler` function. Returns the PNG paths (process 0 writes).
+  `sample` is the run's `api.make_sampler` or `sampling.make_volume_sampler` function. Returns
+  the PNG paths (process 0 writes).
   """
   names = tuple(run.config.data.covariates)
   fixed = typical_covariates(train, names)
@@ -220,5 +257,6 @@ def write_sweeps(run: api.Run, sample, train: Sequence[manifest.Subject], out_di
   return paths
 
 
-__all__ = ["KEYS", "SUMMARY_FILE", "format_block", "summarise", "sweep_values",
-           "typical_covariates", "volume_fidelity", "write_summary", "write_sweeps"]
+__all__ = ["KEYS", "SAMPLES_DIR", "SUMMARY_FILE", "format_block", "summarise", "sweep_values",
+           "typical_covariates", "volume_fidelity", "write_samples", "write_summary",
+           "write_sweeps"]

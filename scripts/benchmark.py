@@ -301,9 +301,9 @@ def demo_run(config, ae_variables, unet_variables):
 def unet_call_flops(config, params, batch=1):
   """XLA flops of one sampler step's network call (hybrid conditioning + UNet), batch 1."""
   from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   model = unet_lib.build_unet(config.unet)
-  z = jnp.zeros((batch,) + ldm_stage.latent_shape(config))
+  z = jnp.zeros((batch,) + networks.latent_shape(config))
   cond = jnp.zeros((batch, len(config.data.covariates)))
 
   def call(params, z, t, cond):
@@ -319,12 +319,12 @@ class DemoSampling:
   def __init__(self, config):
     from monai.networks.schedulers import DDIMScheduler  # pylint: disable=g-import-not-at-top
 
-    from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+    from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
     self.config = config
     self.unet_ref, _, self.unet_vars = monai_and_flax("unet", config.unet, seed=1)
     self.ae_ref, _, self.ae_vars = monai_and_flax("autoencoder", config.autoencoder, seed=2)
     self.run = demo_run(config, self.ae_vars, self.unet_vars)
-    self.zshape = ldm_stage.latent_shape(config)
+    self.zshape = networks.latent_shape(config)
     d = config.diffusion
     self.scheduler = DDIMScheduler(num_train_timesteps=d.num_train_timesteps, schedule=d.schedule,
                                    beta_start=d.beta_start, beta_end=d.beta_end,
@@ -460,11 +460,11 @@ def case_overhead(report, args, dpm_steps):
   """Sampler time over N × one jitted network call, on the tiny `test` UNet."""
   from brain_ldm_jax import api  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
-  from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   config = presets.base_config("test")
   _, _, variables = monai_and_flax("unet", config.unet, seed=4)
   params = variables["params"]
-  zshape = ldm_stage.latent_shape(config)
+  zshape = networks.latent_shape(config)
   keys = api.sample_keys(jax.random.key(0), jnp.zeros((1,), jnp.int32))
   cond = jnp.full((1, len(config.data.covariates)), 0.5, jnp.float32)
   z = jax.random.normal(jax.random.key(1), (1,) + zshape)
@@ -561,13 +561,14 @@ def case_ldm_step(report, args, config=None, name="LDM train step (demo)"):
 
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
   config = config or presets.base_config("demo")
   t = config.train_ldm
   mesh = sharding_lib.make_mesh(config.mesh)
   built = ldm_stage.build(config, mesh, jax.random.key(0))
   holder = {"state": built["init"]()}
-  zshape = ldm_stage.latent_shape(config)
+  zshape = networks.latent_shape(config)
   rng = np.random.default_rng(0)
   b = t.batch_size
   z = rng.standard_normal((b, *zshape)).astype(np.float32)
@@ -801,8 +802,8 @@ def main():
   def run_case(case):
     nonlocal demo_sampling, dpm_steps
     if case == "unet_demo":
-      from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
-      case_unet(report, args, "UNet demo", demo_cfg.unet, ldm_stage.latent_shape(demo_cfg)[:-1])
+      from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
+      case_unet(report, args, "UNet demo", demo_cfg.unet, networks.latent_shape(demo_cfg)[:-1])
     elif case == "unet_paper":
       section, name, spatial = paper_unet(args)
       case_unet(report, args, name, section, spatial)

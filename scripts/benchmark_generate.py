@@ -27,11 +27,17 @@ from absl import app
 from absl import flags
 
 from brain_ldm_jax import api
+from brain_ldm_jax import bids
+from brain_ldm_jax import covariates
+from brain_ldm_jax import files
 from brain_ldm_jax import generate
+from brain_ldm_jax import networks
 from brain_ldm_jax import presets
+from brain_ldm_jax import sampling as sampling_lib
 from brain_ldm_jax import sharding as sharding_lib
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
+from brain_ldm_jax.nn import ops
 
 _PRESET = flags.DEFINE_enum("preset", "demo", presets.PRESETS, "Network and image sizes.")
 _NUM_SUBJECTS = flags.DEFINE_integer("num_subjects", 8, "Subjects per measurement.")
@@ -49,65 +55,61 @@ def make_run(preset: str) -> api.Run:
   config = presets.base_config(preset)
   names = tuple(config.data.covariates)
   stats = manifest.CovariateStats(names, (45.0, 0.0, 10.0, 1000.0), (80.0, 1.0, 120.0, 1500.0))
-  return api.Run(config=config, params=generate.random_params(config), stats=stats,
+  return api.Run(config=config, params=jax.jit(lambda k: networks.init_params(config, k))(jax.random.key(0)), stats=stats,
                  scale_factor=1.0,
                  affine=nifti.mni_affine(config.data.shape, config.data.spacing),
                  checkpoint=f"random weights ({preset})")
 
 
-def make_plan(run: api.Run, num: int) -> generate.Plan:
+def make_plan(run: api.Run, num: int) -> bids.Plan:
   options = api.sampling_options(run, sampler=_SAMPLER.value, num_steps=_STEPS.value, eta=0.0)
   sampling = dict(options, timestep_spacing=generate.timestep_spacing(run.config,
                                                                       options["sampler"]),
                   per_sample_program=_PER_SAMPLE.value)
-  return generate.Plan(names=run.stats.names,
-                       covariates=generate.draw_covariates(num, 0, run.stats, None),
-                       source_ids=None, source="uniform", model={"RunDirectory": run.checkpoint},
-                       sampling=sampling, seed=0, output_dtype=_DTYPE.value)
+  return bids.Plan(names=run.stats.names,
+                   covariates=covariates.draw_covariates(num, 0, run.stats, None),
+                   source_ids=None, source="uniform", model={"RunDirectory": run.checkpoint},
+                   sampling=sampling, seed=0, output_dtype=_DTYPE.value)
 
 
-def time_sampling(sample, run, plan, mesh, params) -> tuple[float, list[np.ndarray]]:
-  """Seconds for all subjects, dispatching one batch ahead as the job does, no writes."""
-  normalised = np.asarray(run.stats.normalise(plan.covariates), np.float32)
-  key = jax.random.key(plan.seed)
-  volumes, in_flight = [], None
+def time_sampling(sample, run, plan, mesh) -> tuple[float, list[np.ndarray]]:
+  """Seconds for all subjects through the job's driver (one batch ahead), no writes."""
+  volumes = []
   start = time.monotonic()
-  for ids, real in generate.batches(list(range(plan.num_subjects)), _BATCH.value):
-    out = sample(params, key, sharding_lib.global_batch(normalised[ids], mesh),
-                 sharding_lib.global_batch(ids, mesh))
-    if in_flight is not None:
-      volumes.extend(np.asarray(in_flight[0])[:in_flight[1]])
-    in_flight = (out, real)
-  volumes.extend(np.asarray(in_flight[0])[:in_flight[1]])
+  for _, batch in sampling_lib.sample_batches(
+      run, run.stats.normalise(plan.covariates), range(plan.num_subjects),
+      key=jax.random.key(plan.seed), options=plan.sampling, batch_size=_BATCH.value, mesh=mesh,
+      sampler_fn=sample):
+    volumes.extend(batch)
   return time.monotonic() - start, volumes
 
 
 def time_writing(volumes, run, plan, folder) -> float:
   start = time.monotonic()
   for i, volume in enumerate(volumes):
-    generate.write_subject(folder, generate.subject_label(i), volume, run.affine,
-                           generate.json_text(plan.sidecar(i)), plan.output_dtype)
+    bids.write_subject(folder, bids.subject_label(i), volume, run.affine,
+                       files.json_text(plan.sidecar(i)), plan.output_dtype)
   return time.monotonic() - start
 
 
 def main(argv):
   del argv
+  ops.set_backend()
   run = make_run(_PRESET.value)
   plan = make_plan(run, _NUM_SUBJECTS.value)
-  mesh = generate.local_mesh(run.config.mesh)
-  sample = generate.make_sharded_sampler(run, mesh, plan.sampling)
-  params = jax.device_put(run.params, sharding_lib.replicated(mesh))
+  mesh = sampling_lib.local_mesh(run.config.mesh)
+  sample = sampling_lib.make_sharded_sampler(run, mesh, plan.sampling)
   scratch = _OUT.value or tempfile.mkdtemp(prefix="benchmark_generate-")
   n = plan.num_subjects
 
   start = time.monotonic()
   warm = make_plan(run, _BATCH.value)
-  time_sampling(sample, run, warm, mesh, params)
+  time_sampling(sample, run, warm, mesh)
   compile_s = time.monotonic() - start
 
   sampling, writing, generation, waits = [], [], [], []
   for r in range(_REPEATS.value):
-    seconds, volumes = time_sampling(sample, run, plan, mesh, params)
+    seconds, volumes = time_sampling(sample, run, plan, mesh)
     sampling.append(seconds / n)
     folder = os.path.join(scratch, f"write-{r}")
     writing.append(time_writing(volumes, run, plan, folder) / n)

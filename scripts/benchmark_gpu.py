@@ -114,9 +114,9 @@ def case_ae_step(report, args):
 
 
 def case_unet(report, args):
-  from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   config = paper_config(args.smoke)
-  spatial = ldm_stage.latent_shape(config)[:-1]
+  spatial = networks.latent_shape(config)[:-1]
   for dtype in ("float32", "bfloat16"):
     section = config.unet.copy_and_resolve_references()
     section.dtype = dtype
@@ -142,6 +142,7 @@ def case_ldm_step(report, args):
 def count_flops(args) -> dict[str, float]:
   """Flops per item of the timed programs, by case, from XLA:CPU's cost analysis of them lowered
   with the native convolution (what `auto` picks on GPU); nothing is compiled or run."""
+  from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import nn as bnn  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
@@ -152,7 +153,7 @@ def count_flops(args) -> dict[str, float]:
     section.conv_impl = "native"
   flops = lambda lowered: float(lowered.cost_analysis()["flops"])
   spec = lambda shape, sharding=None: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-  zshape, n_cov = ldm_stage.latent_shape(config), len(config.data.covariates)
+  zshape, n_cov = networks.latent_shape(config), len(config.data.covariates)
   unet = unet_lib.build_unet(config.unet)
   ae = bnn.build_autoencoder(config.autoencoder)
   x_unet = (1, *zshape[:-1], config.unet.in_channels)

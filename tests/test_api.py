@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from brain_ldm_jax import api
-from brain_ldm_jax import generate
 from brain_ldm_jax import presets
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.errors import ConfigError, DataError
+from random_weights import random_params
 
 NAMES = presets.COVARIATES
 STATS = manifest.CovariateStats(NAMES, (45.0, 0.0, 10.0, 1000.0), (80.0, 1.0, 120.0, 1500.0))
@@ -26,7 +26,7 @@ def run():
   config = presets.base_config("test")
   config.sampling.num_steps = 2
   config.sampling.eta = 0.5  # exercise the per-step noise too
-  return api.Run(config=config, params=generate.random_params(config), stats=STATS,
+  return api.Run(config=config, params=random_params(config), stats=STATS,
                  scale_factor=1.0,
                  affine=nifti.mni_affine(config.data.shape, config.data.spacing),
                  checkpoint="in-memory")

@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from brain_ldm_jax import api
-from brain_ldm_jax import generate
+from brain_ldm_jax import files
 from brain_ldm_jax import presets
+from brain_ldm_jax import run_dir
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
@@ -34,6 +35,7 @@ from brain_ldm_jax.errors import DataError
 from brain_ldm_jax.train import checkpoint as checkpoint_lib
 from brain_ldm_jax.train import ldm as ldm_lib
 from brain_ldm_jax.train import loop
+from random_weights import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (2, 3, 4)  # keep=3 of a 4-step run
@@ -245,11 +247,11 @@ def run_with_two_ldm_steps(tmp_path_factory):
   """A sampling-ready run whose LDM has a final step and a later one with other weights."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = presets.base_config("test")
-  params = generate.random_params(config)
+  params = random_params(config)
   api.save_run(workdir, config, params, STATS, 1.0,
                nifti.mni_affine(config.data.shape, config.data.spacing))
-  later = generate.random_params(config, seed=1)["unet"]
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, api.LDM_DIR), asynchronous=False)
+  later = random_params(config, seed=1)["unet"]
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, run_dir.LDM_DIR), asynchronous=False)
   try:
     # Only what load_run reads, so that every bit flip below lands in it.
     ckpt.save(config.train_ldm.num_steps + 1, {"ema_params": later}, {})
@@ -261,7 +263,7 @@ def run_with_two_ldm_steps(tmp_path_factory):
 def _damaged_run(source, tmp_path, kind, step) -> str:
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
-  DAMAGE[kind](os.path.join(workdir, api.LDM_DIR, str(step)))
+  DAMAGE[kind](os.path.join(workdir, run_dir.LDM_DIR, str(step)))
   return workdir
 
 
@@ -299,10 +301,10 @@ def test_load_run_reads_no_optimizer_state(tmp_path, monkeypatch):
       ckpt.save(4, _state(4), {})  # a whole train state: params, EMA, Adam moments
     finally:
       ckpt.close()
-  checkpoint_lib.write_json_atomic(
-      os.path.join(workdir, api.RUN_FILE),
-      api.run_info(config, STATS, 1.0, nifti.mni_affine(config.data.shape,
-                                                         config.data.spacing)))
+  files.write_json_atomic(
+      os.path.join(workdir, run_dir.RUN_FILE),
+      run_dir.run_info(config, STATS, 1.0, nifti.mni_affine(config.data.shape,
+                                                             config.data.spacing)))
   read = []
   deserialize = ocp.type_handlers.ArrayHandler.deserialize
 

@@ -16,14 +16,14 @@ import pytest
 
 from brain_ldm_jax import api
 from brain_ldm_jax import counterfactual
-from brain_ldm_jax import generate
+from brain_ldm_jax import networks
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
 from brain_ldm_jax.errors import ConfigError, DataError
-from brain_ldm_jax.train.ldm import latent_shape
 from configs import counterfactual as counterfactual_config
 from configs import ldm as ldm_config
+from random_weights import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def tiny(tmp_path_factory):
                                      config.data.split_seed)
   stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
   run_dir = str(root / "run")
-  api.save_run(run_dir, config, generate.random_params(config), stats, 1.0,
+  api.save_run(run_dir, config, random_params(config), stats, 1.0,
                nifti.mni_affine(tuple(config.data.shape), config.data.spacing))
   return run_dir, api.load_run(run_dir)
 
@@ -76,7 +76,7 @@ def test_inverter_shapes_and_determinism(tiny):
   images, cond = _subjects(run, 1)
   invert = counterfactual.make_inverter(run)
   noise = np.asarray(invert(run.params, images, cond))
-  assert noise.shape == (1, *latent_shape(run.config)) and np.all(np.isfinite(noise))
+  assert noise.shape == (1, *networks.latent_shape(run.config)) and np.all(np.isfinite(noise))
   np.testing.assert_array_equal(noise, invert(run.params, images, cond))
 
 

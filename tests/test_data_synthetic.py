@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from brain_ldm_jax.data import manifest, nifti, synthetic
+from brain_ldm_jax.jobs import cohort as cohort_job
 
 SHAPE, SPACING, N = (40, 56, 40), 4.0, 14
 
@@ -131,6 +132,6 @@ def test_ensure_cohort_makes_reuses_and_remakes(tmp_path):
 def test_cohort_job_writes_out_dir(tmp_path):
   config = _config(tmp_path, num_subjects=1)
   config.cohort.out_dir = str(tmp_path / "elsewhere")
-  synthetic.run_cohort_job(config, str(tmp_path / "work"))
+  cohort_job.run_cohort_job(config, str(tmp_path / "work"))
   assert os.path.exists(tmp_path / "elsewhere" / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz")
   assert os.path.exists(tmp_path / "elsewhere" / synthetic.COMPLETE_MARKER)

@@ -9,12 +9,12 @@ import pytest
 
 from brain_ldm_jax import api
 from brain_ldm_jax import evaluate
-from brain_ldm_jax import generate
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
 from configs import evaluate as evaluate_config
 from configs import ldm as ldm_config
+from random_weights import random_params
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def report(tmp_path_factory):
   train, _ = manifest.split_subjects(subjects, config.data.val_fraction, config.data.split_seed)
   stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
   run_dir = str(root / "run")
-  api.save_run(run_dir, config, generate.random_params(config), stats, 1.0,
+  api.save_run(run_dir, config, random_params(config), stats, 1.0,
                nifti.mni_affine(tuple(config.data.shape), config.data.spacing))
   e = evaluate_config.get_config("test")
   e.evaluate.run_dir = run_dir

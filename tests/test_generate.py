@@ -19,17 +19,23 @@ import subprocess
 import sys
 import time
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 from brain_ldm_jax import api
+from brain_ldm_jax import bids
+from brain_ldm_jax import covariates
+from brain_ldm_jax import files
 from brain_ldm_jax import generate
 from brain_ldm_jax import presets
+from brain_ldm_jax import run_dir as run_dir_lib
+from brain_ldm_jax import sampling
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.errors import ConfigError, DataError
+from brain_ldm_jax.jobs import generate as generate_job
+from random_weights import random_params
 from test_train import _free_port, _wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +48,7 @@ STATS = manifest.CovariateStats(NAMES, (45.0, 0.0, 10.0, 1000.0), (80.0, 1.0, 12
 def make_tiny_run(workdir: str, num_steps: int = 2) -> None:
   config = presets.base_config("test")
   config.sampling.num_steps = num_steps
-  api.save_run(workdir, config, generate.random_params(config), STATS, 1.0,
+  api.save_run(workdir, config, random_params(config), STATS, 1.0,
                nifti.mni_affine(config.data.shape, config.data.spacing))
 
 
@@ -101,7 +107,7 @@ def _all_files(root):
 
 
 def _voxels(root, index):
-  return np.asarray(nib.load(generate.image_path(root, generate.subject_label(index))).dataobj)
+  return np.asarray(nib.load(bids.image_path(root, bids.subject_label(index))).dataobj)
 
 
 def _assert_no_partial_files(root):
@@ -109,7 +115,7 @@ def _assert_no_partial_files(root):
   for rel in _all_files(root):
     path = os.path.join(root, rel)
     name = os.path.basename(rel)
-    if name.startswith(generate.TMP_PREFIX):
+    if name.startswith(files.TMP_PREFIX):
       continue  # a temporary: allowed mid-run, never under a final name
     if name.endswith(".nii.gz"):
       with gzip.open(path) as f:  # reads to the end: checks the length and CRC
@@ -178,7 +184,7 @@ def test_kill_and_resume_is_byte_identical(tiny_run, wanted_tsv, datasets):
   assert _all_files(out) == _all_files(reference)
   _, mismatch, errors = filecmp.cmpfiles(reference, out, _all_files(reference), shallow=False)
   assert not mismatch and not errors, (mismatch, errors)
-  assert generate.check_bids_dataset(out) == []
+  assert bids.check_bids_dataset(out) == []
 
 
 @pytest.mark.slow
@@ -191,9 +197,9 @@ def test_two_devices_give_identical_images(tiny_run, wanted_tsv, datasets):
   reference = datasets["reference"]
   for i in range(4):
     np.testing.assert_array_equal(_voxels(out, i), _voxels(reference, i))
-    assert filecmp.cmp(generate.image_path(out, generate.subject_label(i)),
-                       generate.image_path(reference, generate.subject_label(i)), shallow=False)
-  assert generate.check_bids_dataset(out) == []
+    assert filecmp.cmp(bids.image_path(out, bids.subject_label(i)),
+                       bids.image_path(reference, bids.subject_label(i)), shallow=False)
+  assert bids.check_bids_dataset(out) == []
 
 
 @pytest.mark.slow
@@ -215,16 +221,16 @@ def test_two_processes_give_identical_images(tiny_run, wanted_tsv, datasets):
   _wait_all(runs)
   reference = datasets["reference"]
   for i in range(4):
-    assert filecmp.cmp(generate.image_path(out, generate.subject_label(i)),
-                       generate.image_path(reference, generate.subject_label(i)), shallow=False)
-  assert generate.check_bids_dataset(out) == []
+    assert filecmp.cmp(bids.image_path(out, bids.subject_label(i)),
+                       bids.image_path(reference, bids.subject_label(i)), shallow=False)
+  assert bids.check_bids_dataset(out) == []
 
 
 def test_check_bids_dataset_reports_problems(datasets, tmp_path):
   broken = str(tmp_path / "broken")
   shutil.copytree(datasets["reference"], broken)
-  assert generate.check_bids_dataset(broken) == []
-  os.remove(generate.sidecar_path(broken, "sub-000001"))
+  assert bids.check_bids_dataset(broken) == []
+  os.remove(bids.sidecar_path(broken, "sub-000001"))
   open(os.path.join(broken, "sub-000002", "anat", ".tmp-123-sub-000002_T1w.json"), "w").close()
   tsv = os.path.join(broken, "participants.tsv")
   with open(tsv) as f:
@@ -236,7 +242,7 @@ def test_check_bids_dataset_reports_problems(datasets, tmp_path):
   with open(tsv, "w") as f:
     f.write("\n".join(lines) + "\n")
   os.remove(os.path.join(broken, "dataset_description.json"))
-  problems = "\n".join(generate.check_bids_dataset(broken))
+  problems = "\n".join(bids.check_bids_dataset(broken))
   assert "sub-000001_T1w.json: missing" in problems
   assert "temporary" in problems
   assert "sub-000003: age is 99.5" in problems
@@ -248,11 +254,11 @@ def test_reference_dataset_contents(datasets, wanted_tsv):
   root = datasets["reference"]
   with open(os.path.join(root, "participants.tsv")) as f:
     rows = [line.rstrip("\n").split("\t") for line in f]
-  assert rows[0] == ["participant_id", *NAMES, generate.SOURCE_ID_COLUMN]
+  assert rows[0] == ["participant_id", *NAMES, bids.SOURCE_ID_COLUMN]
   assert [r[0] for r in rows[1:]] == [f"sub-{i:06d}" for i in range(NUM_SUBJECTS)]
   assert [r[-1] for r in rows[1:]] == [f"sub-w{i}" for i in range(NUM_SUBJECTS)]
   assert [float(r[2]) for r in rows[1:]] == [1.0, 0.0] * (NUM_SUBJECTS // 2)  # M/F -> 1/0
-  with open(generate.sidecar_path(root, "sub-000005")) as f:
+  with open(bids.sidecar_path(root, "sub-000005")) as f:
     side = json.load(f)
   assert side["SubjectIndex"] == 5 and side["Sampler"] == "ddim" and side["NumSteps"] == 2
   assert side["SourceParticipantId"] == "sub-w5"
@@ -260,7 +266,7 @@ def test_reference_dataset_contents(datasets, wanted_tsv):
     description = json.load(f)
   assert description["DatasetType"] == "derivative"
   assert description["GeneratedBy"][0]["Name"] == "brain_ldm_jax"
-  img = nib.load(generate.image_path(root, "sub-000000"))
+  img = nib.load(bids.image_path(root, "sub-000000"))
   config = presets.base_config("test")
   np.testing.assert_allclose(img.affine, nifti.mni_affine(config.data.shape, config.data.spacing))
   assert int(img.header["sform_code"]) == nifti.XFORM_MNI
@@ -295,12 +301,12 @@ def loaded_run(tiny_run):
 def test_job_errors(tiny_run, loaded_run, tmp_path):
   out = str(tmp_path / "out")
   with pytest.raises(ConfigError, match="generate.run_dir is empty"):
-    generate.run_generate_job(_config(""), out)
+    generate_job.run_generate_job(_config(""), out)
   with pytest.raises(DataError, match="does not exist"):
-    generate.run_generate_job(_config(str(tmp_path / "nope")), out)
+    generate_job.run_generate_job(_config(str(tmp_path / "nope")), out)
   (tmp_path / "empty").mkdir()
   with pytest.raises(DataError, match="run.json"):
-    generate.run_generate_job(_config(str(tmp_path / "empty")), out)
+    generate_job.run_generate_job(_config(str(tmp_path / "empty")), out)
   for fields, message in ((dict(), "num_subjects is 0"),
                           (dict(num_subjects=2, sampler="euler"), "sampler='euler'"),
                           (dict(num_subjects=2, sampler="ddpm", eta=0.5), "only applies to the ddim"),
@@ -325,7 +331,7 @@ def test_drawn_plan_without_cohort_is_uniform(loaded_run, tmp_path):
 def test_incompatible_checkpoint(tiny_run, tmp_path):
   other = str(tmp_path / "other")
   shutil.copytree(tiny_run, other)
-  path = os.path.join(other, api.RUN_FILE)
+  path = os.path.join(other, run_dir_lib.RUN_FILE)
   with open(path) as f:
     info = json.load(f)
   info["config"]["unet"]["channels"] = [16, 16, 16]
@@ -338,12 +344,12 @@ def test_incompatible_checkpoint(tiny_run, tmp_path):
 def test_covariates_tsv_errors(tmp_path):
   good = [("a", 60, "F", 30, 1200), ("b", 70, "M", 40, 1100)]
   header = ("participant_id", *NAMES)
-  matrix, ids = generate.read_covariates_tsv(write_tsv(str(tmp_path / "ok.tsv"), header, good),
+  matrix, ids = covariates.read_covariates_tsv(write_tsv(str(tmp_path / "ok.tsv"), header, good),
                                              NAMES)
   assert ids == ["a", "b"]
   np.testing.assert_array_equal(matrix, [[60, 0, 30, 1200], [70, 1, 40, 1100]])
   # participant_id is optional, column order free
-  matrix, ids = generate.read_covariates_tsv(
+  matrix, ids = covariates.read_covariates_tsv(
       write_tsv(str(tmp_path / "noid.tsv"), NAMES[::-1], [r[1:][::-1] for r in good]), NAMES)
   assert ids is None and matrix.shape == (2, 4)
   cases = {
@@ -358,23 +364,23 @@ def test_covariates_tsv_errors(tmp_path):
   for name, (cols, rows, message) in cases.items():
     path = write_tsv(str(tmp_path / f"{name}.tsv"), cols, rows)
     with pytest.raises(DataError, match=message) as info:
-      generate.read_covariates_tsv(path, NAMES)
+      covariates.read_covariates_tsv(path, NAMES)
     assert path in str(info.value)
 
 
 def test_draw_covariates():
   cohort = np.array([[50, 0, 20, 1300], [52, 1, 25, 1350], [75, 0, 60, 1100], [78, 1, 70, 1150]],
                     np.float64)
-  drawn = generate.draw_covariates(40, 0, STATS, cohort)
+  drawn = covariates.draw_covariates(40, 0, STATS, cohort)
   assert {tuple(r) for r in drawn} <= {tuple(r) for r in cohort}  # joint rows kept together
-  np.testing.assert_array_equal(drawn, generate.draw_covariates(40, 0, STATS, cohort))
-  strat = generate.draw_covariates(16, 0, STATS, cohort, stratify=True, age_bins=2)
+  np.testing.assert_array_equal(drawn, covariates.draw_covariates(40, 0, STATS, cohort))
+  strat = covariates.draw_covariates(16, 0, STATS, cohort, stratify=True, age_bins=2)
   # subject i in stratum i mod 4 = (age bin, sex): young F, young M, old F, old M
-  edges = generate.age_bin_edges(STATS, 2)
+  edges = covariates.age_bin_edges(STATS, 2)
   for i, row in enumerate(strat):
     age_bin, sex = divmod(i % 4, 2)
     assert row[1] == sex and edges[age_bin] <= row[0] <= edges[age_bin + 1]
-  uniform = generate.draw_covariates(200, 0, STATS, None, stratify=True, age_bins=4)
+  uniform = covariates.draw_covariates(200, 0, STATS, None, stratify=True, age_bins=4)
   assert set(uniform[:, 1]) == {0.0, 1.0}
   lo, hi = np.asarray(STATS.minimum), np.asarray(STATS.maximum)
   assert np.all((uniform >= lo) & (uniform <= hi))
@@ -384,17 +390,17 @@ def test_full_disk_is_a_clear_error(monkeypatch, tmp_path):
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(generate.nifti, "save_volume", full)
+  monkeypatch.setattr(nifti, "save_volume", full)
   with pytest.raises(DataError, match="no space left.*sub-000007/anat.*rerun"):
-    generate.write_subject(str(tmp_path), "sub-000007", np.zeros((2, 2, 2), np.float32),
-                           np.eye(4), "{}\n", "float32")
+    bids.write_subject(str(tmp_path), "sub-000007", np.zeros((2, 2, 2), np.float32),
+                       np.eye(4), "{}\n", "float32")
 
 
 def test_plan_guards_the_folder(tmp_path):
   def plan(seed):
-    return generate.Plan(names=NAMES, covariates=np.ones((2, 4)), source_ids=None, source="x",
-                         model={"RunDirectory": "/r"}, sampling={"sampler": "ddim"}, seed=seed,
-                         output_dtype="float32")
+    return bids.Plan(names=NAMES, covariates=np.ones((2, 4)), source_ids=None, source="x",
+                     model={"RunDirectory": "/r"}, sampling={"sampler": "ddim"}, seed=seed,
+                     output_dtype="float32")
 
   out = str(tmp_path)
   generate.check_or_write_plan(plan(0), out, overwrite=False)
@@ -406,14 +412,14 @@ def test_plan_guards_the_folder(tmp_path):
 
 def test_temporaries_and_atomic_text(tmp_path):
   path = str(tmp_path / "a.json")
-  generate.write_text_atomic(path, "x\n")
+  files.write_text_atomic(path, "x\n")
   open(str(tmp_path / ".tmp-99-a.json"), "w").close()
-  assert generate.remove_temporaries(str(tmp_path)) == 1
+  assert files.remove_temporaries(str(tmp_path)) == 1
   assert os.listdir(tmp_path) == ["a.json"]
 
 
 def test_batches_and_shares():
-  assert [(ids.tolist(), n) for ids, n in generate.batches([3, 5, 7], 2)] == \
+  assert [(ids.tolist(), n) for ids, n in sampling.batches([3, 5, 7], 2)] == \
       [([3, 5], 2), ([7, 7], 1)]
   shares = [generate.process_share(7, p, 3) for p in range(3)]
   assert sorted(sum(shares, [])) == list(range(7))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from brain_ldm_jax import api
+from brain_ldm_jax import networks
 from brain_ldm_jax import presets
+from brain_ldm_jax import run_dir
 from brain_ldm_jax import sharding as sharding_lib
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.diffusion import guidance
@@ -24,7 +26,7 @@ STATS = manifest.CovariateStats(NAMES, (45.0, 0.0, 10.0, 1000.0), (80.0, 1.0, 12
 
 def _run(config) -> api.Run:
   """A run as `api.load_run` reads it back from run.json (no weights: only options are asked)."""
-  info = json.loads(json.dumps(api.run_info(config, STATS, 1.0, np.eye(4))))
+  info = json.loads(json.dumps(run_dir.run_info(config, STATS, 1.0, np.eye(4))))
   return api.Run(config=ml_collections.ConfigDict(info["config"]), params={}, stats=STATS,
                  scale_factor=1.0, affine=np.eye(4), checkpoint="in-memory")
 
@@ -73,7 +75,7 @@ def test_training_steps_with_dropout_show_the_unet_the_null_condition(monkeypatc
   built = ldm_stage.build(config, mesh, jax.random.key(0))
   state = built["init"]()
   batch_size = 8
-  zshape = ldm_stage.latent_shape(config)
+  zshape = networks.latent_shape(config)
   rng = np.random.default_rng(0)
   cond = rng.uniform(0, 1, (batch_size, len(NAMES))).astype(np.float32)
   batch = {"latent_mean": rng.standard_normal((batch_size, *zshape)).astype(np.float32),

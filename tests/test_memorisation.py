@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brain_ldm_jax import generate
 from brain_ldm_jax import nn
 from brain_ldm_jax import presets
 from brain_ldm_jax.metrics import memorisation as M
+from random_weights import random_params
 
 SHAPE = (32, 32, 32)
 
@@ -30,7 +30,7 @@ def _subjects(n, seed):
 def features():
   config = presets.base_config("test")
   ae = nn.build_autoencoder(config.autoencoder)
-  params = generate.random_params(config)["autoencoder"]
+  params = random_params(config)["autoencoder"]
   train, val = _subjects(6, 0), _subjects(4, 1)
   noise = np.random.default_rng(2).random((2,) + SHAPE).astype(np.float32)
   generated = np.concatenate([train[3:4], noise])

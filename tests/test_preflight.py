@@ -14,6 +14,7 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from brain_ldm_jax import presets
 from brain_ldm_jax.data import nifti, preflight
 from brain_ldm_jax.errors import DataError
+from brain_ldm_jax.jobs import check_data
 
 SHAPE, SPACING = (32, 32, 32), 4.0  # the test preset's grid
 HEADER = "participant_id\tage\tsex\tventricular_volume\tbrain_volume"
@@ -134,7 +135,7 @@ def test_check_data_job(bad_cohort, tmp_path, capsys):
     shutil.copytree(bad_cohort / sid, clean / sid)
   (clean / "participants.tsv").write_text(
       "\n".join([HEADER] + [f"{sid}\t60\tM\t20\t1400" for sid in GOOD]) + "\n")
-  preflight.run_check_data_job(_config(clean), str(tmp_path / "run"))
+  check_data.run_check_data_job(_config(clean), str(tmp_path / "run"))
   out = capsys.readouterr().out
   assert "3 subjects, table and image headers checked" in out and "no problems" in out
   # Through the command line: the report as the error (no traceback) and a non-zero exit.

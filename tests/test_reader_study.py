@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from brain_ldm_jax import reader_study
+from brain_ldm_jax.jobs import reader_study as reader_study_job
 from brain_ldm_jax.errors import ConfigError, DataError
 from brain_ldm_jax.reader_study import score as score_lib
 from brain_ldm_jax.reader_study import trials as trials_lib
@@ -188,13 +189,13 @@ def test_job_from_config(tmp_path):
   config = _load_config()
   assert config.job == "reader_study"
   with pytest.raises(ConfigError, match="synthetic_dir"):
-    reader_study.run_reader_study_job(config, str(tmp_path))
+    reader_study_job.run_reader_study_job(config, str(tmp_path))
   config.reader_study.synthetic_dir = str(tmp_path / "samples")
   config.data.assume_mni = True  # the job puts volumes on the run's MNI grid; these are not MNI
   config.reader_study.num_trials = 4
   config.reader_study.display_size = 32
   # real_dir defaults to <workdir>/cohort (the project's cohort job writes it there).
-  result = reader_study.run_reader_study_job(config, str(tmp_path))
+  result = reader_study_job.run_reader_study_job(config, str(tmp_path))
   assert result["page"] == str(tmp_path / "reader_study" / "reader_study.html")
   assert os.path.isfile(result["key"])
 
@@ -338,4 +339,4 @@ def test_job_puts_both_classes_on_the_run_grid(tmp_path):
   config.reader_study.real_dir = str(tmp_path / "real")
   config.reader_study.synthetic_dir = str(tmp_path / "synth")
   config.reader_study.update(options)
-  assert not fov_warnings(lambda: reader_study.run_reader_study_job(config, str(tmp_path)))
+  assert not fov_warnings(lambda: reader_study_job.run_reader_study_job(config, str(tmp_path)))

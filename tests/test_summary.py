@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from brain_ldm_jax import api
-from brain_ldm_jax import evaluate
-from brain_ldm_jax import generate
+from brain_ldm_jax import covariates
 from brain_ldm_jax import summary
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
 from brain_ldm_jax.errors import DataError
-from brain_ldm_jax.train import pipeline
+from brain_ldm_jax.jobs import ldm as ldm_job
 from configs import ldm as ldm_config
+from random_weights import random_params
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
   train, _ = _split(config)
   stats = manifest.CovariateStats.from_subjects(train, config.data.covariates)
   workdir = str(root / "run")
-  api.save_run(workdir, config, generate.random_params(config), stats, 1.0,
+  api.save_run(workdir, config, random_params(config), stats, 1.0,
                nifti.mni_affine(tuple(config.data.shape), config.data.spacing))
   return workdir, config
 
@@ -47,7 +47,7 @@ def job(run_dir):
   workdir, config = run_dir
   config = config.copy_and_resolve_references()
   config.stages = ("samples", "summary")
-  pipeline.run_ldm_job(config, workdir)
+  ldm_job.run_ldm_job(config, workdir)
   return workdir, config
 
 
@@ -71,7 +71,7 @@ def test_summary_json_has_every_key_finite(job):
 
 def test_samples_stage_writes_samples_and_sweeps(job):
   workdir, config = job
-  out = os.path.join(workdir, pipeline.SAMPLES_DIR)
+  out = os.path.join(workdir, summary.SAMPLES_DIR)
   assert os.path.getsize(os.path.join(out, "samples.png")) > 0
   for name in config.sampling.sweep_covariates:
     assert os.path.getsize(os.path.join(out, f"sweep_{name}.png")) > 0
@@ -114,8 +114,8 @@ def test_drawn_conditions_span_the_training_cohort(run_dir):
   _, config = run_dir
   train, val = _split(config)
   names = list(config.data.covariates)
-  cond, ids = evaluate.draw_conditions(train, names, 64, seed=0)
-  again, _ = evaluate.draw_conditions(train, names, 64, seed=0)
+  cond, ids = covariates.draw_conditions(train, names, 64, seed=0)
+  again, _ = covariates.draw_conditions(train, names, 64, seed=0)
   np.testing.assert_array_equal(cond, again)
   assert cond.shape == (64, len(names)) and set(ids) <= {s.participant_id for s in train}
   vent = cond[:, names.index("ventricular_volume")]

@@ -13,7 +13,6 @@ message that says to register them first; `data.assume_mni` accepts them as they
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from brain_ldm_jax import files
 from brain_ldm_jax.errors import DataError
 
 # Centre (mm) of the MNI152 brain's bounding box (nilearn's 2009a brain mask), so a grid centred
@@ -330,7 +330,7 @@ def load_volume(path: str, shape: Sequence[int], spacing: float,
 
 def save_volume(path: str, volume: np.ndarray, affine: np.ndarray, *,
                 dtype: str = "float32", mni: bool = False) -> str:
-  """Write `volume` as NIfTI atomically (temp file in the same folder, then os.replace).
+  """Write `volume` as NIfTI atomically (`files.atomic_path`).
 
   qform and sform both hold `affine` (code MNI152 when `mni`, else scanner); units are mm.
   `dtype="int16"` stores scaled integers (half the size; nibabel sets scl_slope/inter), or pass
@@ -344,16 +344,6 @@ def save_volume(path: str, volume: np.ndarray, affine: np.ndarray, *,
   img.set_qform(affine, code=code)
   img.set_sform(affine, code=code)
   img.header.set_xyzt_units("mm")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-  os.close(fd)
-  try:
+  with files.atomic_path(path) as tmp:
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return path

@@ -33,6 +33,8 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
+from brain_ldm_jax import files
+from brain_ldm_jax import multihost
 from brain_ldm_jax.data import nifti
 
 LABEL_BACKGROUND, LABEL_CSF, LABEL_GM, LABEL_WM, LABEL_VENTRICLE = 0, 1, 2, 3, 4
@@ -273,13 +275,6 @@ def make_subject(out_dir: str, index: int, seed: int, spacing: float, shape: Seq
           "head_scale": f"{params.head_scale:.8f}"}
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _tsv(rows: list[dict]) -> str:
   lines = ["\t".join(PARTICIPANT_COLUMNS)]
   lines += ["\t".join(row[c] for c in PARTICIPANT_COLUMNS) for row in rows]
@@ -306,10 +301,10 @@ def make_cohort(out_dir: str, num_subjects: int, seed: int, spacing: float,
                  "DatasetType": "derivative",
                  "GeneratedBy": [{"Name": "brain_ldm_jax.data.synthetic"}],
                  "SynthesisParameters": _params(num_subjects, seed, spacing, shape)}
-  _write_text_atomic(os.path.join(out_dir, "dataset_description.json"),
+  files.write_text_atomic(os.path.join(out_dir, "dataset_description.json"),
                      json.dumps(description, indent=2) + "\n")
   tsv = os.path.join(out_dir, "participants.tsv")
-  _write_text_atomic(tsv, _tsv(rows))
+  files.write_text_atomic(tsv, _tsv(rows))
   return tsv
 
 
@@ -360,10 +355,8 @@ def build_cohort(out_dir: str, data_config) -> str:
     load_template(float(synth.spacing))  # before the clock starts, so the ETA is about subjects
     make_cohort(out_dir, synth.num_subjects, synth.seed, float(synth.spacing), shape,
                 progress=_progress_logger(out_dir))
-    _write_text_atomic(os.path.join(out_dir, COMPLETE_MARKER), json.dumps(params))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("synthetic_cohort")
+    files.write_text_atomic(os.path.join(out_dir, COMPLETE_MARKER), json.dumps(params))
+  multihost.barrier("synthetic_cohort")
   return out_dir
 
 
@@ -373,10 +366,3 @@ def ensure_cohort(config, workdir: str) -> str:
   if config.data.data_dir:
     return config.data.data_dir
   return build_cohort(os.path.join(workdir, "cohort"), config.data)
-
-
-def run_cohort_job(config, workdir: str) -> None:
-  """The `cohort` job: write config.cohort.out_dir (default <workdir>/cohort)."""
-  out_dir = config.cohort.out_dir or os.path.join(workdir, "cohort")
-  build_cohort(out_dir, config.data)
-  logging.info("Synthetic cohort ready: %s", os.path.join(out_dir, "participants.tsv"))

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brain_ldm_jax import files
+from brain_ldm_jax.data import synthetic
 from brain_ldm_jax.errors import DataError
 
 VENTRICLE_MARGIN_MM = 7.0
@@ -81,7 +83,6 @@ class Atlas:
 
 
 def _template():
-  from brain_ldm_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   return synthetic, synthetic.load_template(1.0)
 
 
@@ -246,8 +247,7 @@ class Calibration:
                provenance=dict(d.get("provenance", {})))
 
   def save(self, path: str) -> None:
-    from brain_ldm_jax import figures  # pylint: disable=import-outside-toplevel
-    figures.atomic_write_bytes(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+    files.write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
   @classmethod
   def load(cls, path: str) -> "Calibration":

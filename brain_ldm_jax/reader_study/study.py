@@ -10,6 +10,7 @@ import secrets
 from typing import Sequence
 
 from brain_ldm_jax import figures
+from brain_ldm_jax import files
 from brain_ldm_jax.errors import ConfigError
 from brain_ldm_jax.reader_study import page as page_lib
 from brain_ldm_jax.reader_study import trials as trials_lib
@@ -17,21 +18,6 @@ from brain_ldm_jax.reader_study import trials as trials_lib
 KEY_FORMAT = "brain_ldm_jax.reader_study.key/1"
 PAGE_NAME = "reader_study.html"
 KEY_NAME = "answer_key.json"
-
-DEFAULTS = dict(
-    real_dir="",
-    synthetic_dir="",
-    num_trials=40,
-    trial_types=("slice", "triplet"),
-    seed=0,
-    out_dir="",
-    confidence_levels=5,
-    position_range=(0.3, 0.7),
-    clip_percentiles=(0.5, 99.5),
-    window="pooled",
-    display_size=256,
-    title="Real or synthetic?",
-)
 
 
 def make_study(real_dir: str,
@@ -81,8 +67,8 @@ def make_study(real_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   page_path = os.path.join(out_dir, PAGE_NAME)
   key_path = os.path.join(out_dir, KEY_NAME)
-  figures.atomic_write_bytes(key_path, json.dumps(key, indent=1).encode("utf-8"))
-  figures.atomic_write_bytes(page_path, html_text.encode("utf-8"))
+  files.write_bytes_atomic(key_path, json.dumps(key, indent=1).encode("utf-8"))
+  files.write_bytes_atomic(page_path, html_text.encode("utf-8"))
   logging.info("reader study %s: %d trials; page %s (send to readers), key %s (keep private)",
                study_id, len(specs), page_path, key_path)
   return {"page": page_path, "key": key_path, "study_id": study_id}
@@ -116,36 +102,3 @@ def _key(study_id, specs, info, real_dir, synthetic_dir, settings) -> dict:
           "source": s.source,
       } for i, s in enumerate(specs)],
   }
-
-
-def run_reader_study_job(config, workdir: str) -> dict:
-  """The `reader_study` job: settings from `config.reader_study` (see configs/reader_study.py).
-
-  `real_dir` defaults to `config.data.data_dir`, else `<workdir>/cohort` when that exists;
-  `synthetic_dir` must be set (a folder of generated NIfTI volumes); `out_dir` defaults to
-  `<workdir>/reader_study`.
-  """
-  section = config.get("reader_study") if hasattr(config, "get") else None
-  if section is None:
-    raise ConfigError("config.reader_study is missing: use configs/reader_study.py")
-  opts = dict(DEFAULTS)
-  unknown = set(section.keys()) - set(DEFAULTS)
-  if unknown:
-    raise ConfigError(f"config.reader_study has unknown fields {sorted(unknown)}; known: "
-                      f"{sorted(DEFAULTS)}")
-  opts.update({k: section[k] for k in section.keys()})
-  if not opts["real_dir"]:
-    data_dir = config.get("data", {}).get("data_dir", "") if hasattr(config, "get") else ""
-    cohort = os.path.join(workdir, "cohort")
-    opts["real_dir"] = data_dir or (cohort if os.path.isdir(cohort) else "")
-  if not opts["synthetic_dir"]:
-    raise ConfigError("config.reader_study.synthetic_dir is empty: set it to a folder of "
-                      "generated NIfTI volumes (e.g. the generate job's output), "
-                      "--config.reader_study.synthetic_dir=DIR")
-  out_dir = opts.pop("out_dir") or os.path.join(workdir, "reader_study")
-  # Both classes on the run's MNI grid (samples already are; real scans are put there).
-  result = make_study(out_dir=out_dir, grid=trials_lib.Grid.from_config(config.data), **opts)
-  print(f"reader study {result['study_id']}:\n  page (send to readers): {result['page']}\n"
-        f"  answer key (keep private): {result['key']}\n  score with: python -m "
-        f"brain_ldm_jax.reader_study.score --key {result['key']} ANSWERS.json ...")
-  return result

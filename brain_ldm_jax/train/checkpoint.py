@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from brain_ldm_jax import multihost
 from brain_ldm_jax.errors import DataError
 
 DIGESTS_KEY = "array_sha256"
@@ -212,7 +213,7 @@ class Checkpointer:
         os.replace(os.path.join(self.directory, str(step)), target)
         logging.warning("%s: moved the damaged step %d to %s", os.path.basename(self.directory),
                         step, target)
-    _barrier("checkpoint_set_aside")
+    multihost.barrier("checkpoint_set_aside")
     self._manager.reload()
 
   def _single_device_target(self, step: int) -> Any:
@@ -363,22 +364,3 @@ def _one_line(e: BaseException) -> str:
     text = text[1:-1]
   text = text.splitlines()
   return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON under `path` by rename, so readers never see half a file (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  logging.debug("wrote %s", path)

@@ -1,4 +1,4 @@
-"""The `ldm` job: cohort -> autoencoder -> latent diffusion -> samples and sweeps -> summary.
+"""The `ldm` job's training stages: cohort -> autoencoder -> latent diffusion (jobs/ldm.py).
 
 Each stage resumes from its latest checkpoint and is skipped when finished, so rerunning the same
 command after an interruption continues where it stopped.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,23 +15,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from brain_ldm_jax import api
-from brain_ldm_jax import evaluate
 from brain_ldm_jax import figures
+from brain_ldm_jax import run_dir
 from brain_ldm_jax import sharding as sharding_lib
-from brain_ldm_jax import summary as summary_lib
 from brain_ldm_jax.data import manifest
-from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import pipeline as data_pipeline
 from brain_ldm_jax.data import preflight
 from brain_ldm_jax.data import synthetic
-from brain_ldm_jax.errors import ConfigError
 from brain_ldm_jax.train import autoencoder as ae_stage
-from brain_ldm_jax.train import checkpoint as checkpoint_lib
 from brain_ldm_jax.train import ldm as ldm_stage
 from brain_ldm_jax.train import loop
-
-SAMPLES_DIR = "samples"
+from brain_ldm_jax.train import perceptual
 
 
 def prepare_data(config, workdir: str):
@@ -61,7 +54,6 @@ def train_autoencoder(config, workdir, mesh, train, stats, meta):
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   perceptual_fn = None
   if t.perceptual_weights_path:
-    from brain_ldm_jax.train import perceptual
     perceptual_fn = perceptual.make_perceptual_loss(t.perceptual_weights_path)
     logging.info("perceptual loss on: MedicalNet features from %s", t.perceptual_weights_path)
   else:
@@ -86,7 +78,7 @@ def train_autoencoder(config, workdir, mesh, train, stats, meta):
       return {}
     return _montage_images(volumes, "inputs_then_reconstructions")
 
-  stage = loop.Stage(name="autoencoder", directory=os.path.join(workdir, api.AE_DIR),
+  stage = loop.Stage(name="autoencoder", directory=os.path.join(workdir, run_dir.AE_DIR),
                      num_steps=t.num_steps, log_every=t.log_every,
                      checkpoint_every=t.checkpoint_every, image_every=t.image_every,
                      keep_checkpoints=t.keep_checkpoints, init_state=built["init"],
@@ -98,7 +90,7 @@ def train_autoencoder(config, workdir, mesh, train, stats, meta):
 
 def scale_factor_for(config, workdir, autoencoder, ae_params, train, stats, mesh) -> float:
   """The run's latent scale factor, computed once from the first training batch and stored."""
-  info = api.read_run_info(workdir)
+  info = run_dir.read_run_info(workdir)
   if info.get("scale_factor") is not None:
     return float(info["scale_factor"])
   first = next(iter(data_pipeline.make_eval_loader(train, stats, config.data,
@@ -150,82 +142,9 @@ def train_ldm(config, workdir, mesh, train, stats, autoencoder, ae_params, scale
     del step_number
     return built["step"](state, batch, ae_params, scale)
 
-  stage = loop.Stage(name="ldm", directory=os.path.join(workdir, api.LDM_DIR),
+  stage = loop.Stage(name="ldm", directory=os.path.join(workdir, run_dir.LDM_DIR),
                      num_steps=t.num_steps, log_every=t.log_every,
                      checkpoint_every=t.checkpoint_every, image_every=t.image_every,
                      keep_checkpoints=t.keep_checkpoints, init_state=built["init"],
                      abstract_state=built["abstract"], train_step=step, meta=meta)
   return loop.run_stage(stage, loader, data_iterator=loader)
-
-
-def write_samples(run: api.Run, val, train, out_dir: str, sampling) -> list[str]:
-  """Samples for the first validation subjects' covariates, as NIfTI and one PNG beside those
-  subjects' real brains (same slices and window), then the covariate sweeps."""
-  names = tuple(run.config.data.covariates)
-  subjects = val[:sampling.num_samples]
-  cond = np.array([[s.covariates[n] for n in names] for s in subjects])
-  sample = api.make_sampler(run)
-  key = jax.random.key(sampling.seed)
-  # Batch-1 calls (sample i still uses fold_in(key, i)): the sweeps reuse the same program.
-  volumes = np.concatenate([np.asarray(sample(run.params, key, cond[i:i + 1], first_index=i))
-                            for i in range(len(cond))])
-  summary_lib.write_sweeps(run, sample, train, out_dir, sampling)
-  if jax.process_index() != 0:
-    return []
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for i, volume in enumerate(volumes):
-    path = os.path.join(out_dir, f"sample-{i:03d}.nii.gz")
-    nifti.save_volume(path, volume, run.affine)
-    paths.append(path)
-  real = evaluate.subject_volumes(subjects, run.config.data)
-  columns = [v for pair in zip(real, volumes) for v in pair]
-  titles = [t for s, row in zip(subjects, cond)
-            for t in (f"real {s.participant_id}", figures.sample_title(dict(zip(names, row))))]
-  figures.save_montage_png(columns, os.path.join(out_dir, "samples.png"), titles=titles,
-                           window=figures.common_window(list(real), list(volumes)),
-                           suptitle="real validation brains, each beside a sample generated for "
-                                    "its covariates")
-  logging.info("wrote %d samples and samples.png to %s", len(paths), out_dir)
-  return paths
-
-
-STAGES = ("autoencoder", "ldm", "samples", "summary")
-
-
-def run_ldm_job(config, workdir: str) -> None:
-  started = time.monotonic()
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ConfigError(f"config.stages has unknown {unknown}; stages are {', '.join(STAGES)}")
-  mesh = sharding_lib.make_mesh(config.mesh)
-  train, val, stats = prepare_data(config, workdir)
-  affine = nifti.mni_affine(tuple(config.data.shape), config.data.spacing)
-  run_path = os.path.join(workdir, api.RUN_FILE)
-  if not os.path.exists(run_path):
-    checkpoint_lib.write_json_atomic(run_path, api.run_info(config, stats, None, affine))
-  meta = dict(config=config.to_json_best_effort(), covariate_stats=stats.to_json())
-
-  try:
-    if "autoencoder" in config.stages or "ldm" in config.stages:
-      autoencoder, ae_params = train_autoencoder(config, workdir, mesh, train, stats, meta)
-    if "ldm" in config.stages:
-      scale_factor = scale_factor_for(config, workdir, autoencoder, ae_params, train, stats, mesh)
-      checkpoint_lib.write_json_atomic(run_path,
-                                       api.run_info(config, stats, scale_factor, affine))
-      train_ldm(config, workdir, mesh, train, stats, autoencoder, ae_params, scale_factor,
-                dict(meta, scale_factor=scale_factor))
-  except loop.Preempted as e:
-    logging.warning("%s", e)
-    return
-  if "samples" in config.stages:
-    run = api.load_run(workdir)
-    write_samples(run, val or train, train, os.path.join(workdir, SAMPLES_DIR), config.sampling)
-  if "summary" in config.stages:
-    run = api.load_run(workdir)
-    numbers = summary_lib.summarise(run, train, val, config.sampling,
-                                    seconds_before=time.monotonic() - started)
-    if jax.process_index() == 0:
-      print(summary_lib.format_block(numbers), flush=True)
-      summary_lib.write_summary(workdir, numbers)
-  logging.info("done: %s (TensorBoard: tensorboard --logdir %s)", workdir, workdir)
