@@ -33,7 +33,7 @@ from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion import schedules
 from brain_ldm_jax.errors import DataError
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
-from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import ops
 from brain_ldm_jax.nn import unet as unet_lib
 # The notebook reads a run through the API; the format lives in run_dir.
 from brain_ldm_jax.run_dir import Run, load_run, save_run  # pylint: disable=unused-import
@@ -82,6 +82,7 @@ def sample_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 def sample_latents_fn(config, scale_factor: float, *, sampler: str, num_steps: int, eta: float,
                       guidance_scale: float) -> Callable:
   """Pure (unet_params, keys (B,), cond (B, n) normalised) -> latents (B, *latent_shape)."""
+  ops.ensure_backend()  # before tracing: a notebook may not have chosen one
   unet = unet_lib.build_unet(config.unet)
   schedule = schedules.schedule_from_config(config.diffusion)
   zshape = networks.latent_shape(config)
@@ -95,7 +96,7 @@ def sample_latents_fn(config, scale_factor: float, *, sampler: str, num_steps: i
     init_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     x_T = jax.vmap(lambda k: jax.random.normal(k, zshape))(init_keys)
     # The UNet's parameters are the same at every step: its prepared kernels are made once.
-    with conv_lowering.invariant_kernels():
+    with ops.invariant_kernels():
       return samplers.sample(denoise, x_T, step_keys, schedule, sampler=sampler,
                              num_steps=num_steps, eta=eta,
                              clip_sample=config.diffusion.clip_sample,

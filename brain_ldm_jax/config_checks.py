@@ -17,12 +17,13 @@ from brain_ldm_jax.diffusion import losses
 from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion import schedules
 from brain_ldm_jax.errors import ConfigError
-from brain_ldm_jax.nn import conv_lowering
 
 DTYPES = ("float32", "bfloat16")
 LATENT_MODES = ("mean", "sample")
 # What the `ldm` job can run; train/pipeline.py runs them in this order.
 STAGES = ("autoencoder", "ldm", "samples", "summary")
+CONV_BACKEND_HELP = ("the convolution backend is chosen once per process with "
+                     "brain_ldm_jax.nn.ops.set_backend (the command line uses 'auto'): delete it")
 
 
 def fail(field: str, value: Any, allowed: str) -> None:
@@ -58,6 +59,12 @@ def _number_in(config, field: str, low: float, high: float, *, open_low: bool = 
   if not ok:
     fail(field, value, f"a number in {'(' if open_low else '['}{low:g}, {high:g}"
                        f"{')' if open_high else ']'}")
+
+
+def _removed(config, field: str, instead: str) -> None:
+  section, name = field.rsplit(".", 1)
+  if name in _get(config, section):
+    raise ConfigError(f"{field}={_get(config, field)!r}: no longer a config field; {instead}")
 
 
 def _one_of(config, field: str, choices: Sequence) -> None:
@@ -101,7 +108,7 @@ def _channels(config, section: str) -> tuple[int, ...]:
 def _network_common(config, section: str) -> None:
   _one_of(config, f"{section}.spatial_dims", (3,))
   _one_of(config, f"{section}.dtype", DTYPES)
-  _one_of(config, f"{section}.conv_impl", conv_lowering.IMPLS)
+  _removed(config, f"{section}.conv_impl", CONV_BACKEND_HELP)
   _is_bool(config, f"{section}.remat")
   _number_in(config, f"{section}.norm_eps", 0.0, 1.0, open_low=True, open_high=True)
 
@@ -182,7 +189,7 @@ def check_discriminator(config) -> None:
   _one_of(config, "discriminator.out_channels", (1,))
   _int_at_least(config, "discriminator.num_layers_d", 1)
   _int_at_least(config, "discriminator.channels", 1)
-  _one_of(config, "discriminator.conv_impl", conv_lowering.IMPLS)
+  _removed(config, "discriminator.conv_impl", CONV_BACKEND_HELP)
 
 
 def check_unet(config) -> None:

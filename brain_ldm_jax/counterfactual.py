@@ -69,7 +69,7 @@ from brain_ldm_jax.diffusion import schedules
 from brain_ldm_jax.errors import ConfigError, DataError
 from brain_ldm_jax.metrics import volumes as volumes_lib
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
-from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import ops
 from brain_ldm_jax.nn import unet as unet_lib
 from brain_ldm_jax.train import checkpoint as checkpoint_lib
 
@@ -134,7 +134,7 @@ def counterfactual_fn(run: api.Run, *, num_steps: int, guidance_scale: float, st
 
     out = {}
     # The UNet's parameters are the same at every step: its prepared kernels are made once.
-    with conv_lowering.invariant_kernels():
+    with ops.invariant_kernels():
       if {"noise", "reconstruction", "edited"} & set(outputs):
         noise = inversion.ddim_invert(denoiser(cond_from), z0, schedule, **ddim)
         if "noise" in outputs:

@@ -16,10 +16,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from brain_ldm_jax import config_checks
-from brain_ldm_jax import host
 from brain_ldm_jax import files
 from brain_ldm_jax import multihost
 from brain_ldm_jax.errors import UserError
+from brain_ldm_jax.nn import ops
 from brain_ldm_jax.jobs import resolve_job
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -104,7 +104,6 @@ def main(argv):
   if not _WORKDIR.value and not _PRINT_CONFIG.value:
     raise app.UsageError("--workdir is required: where checkpoints and outputs go")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  host.keep_freed_memory()
   try:
     config = resolved_config()
     job = resolve_job(config.job)
@@ -112,6 +111,7 @@ def main(argv):
       print(config.to_json_best_effort(indent=2))
       return
     _maybe_initialize_distributed()
+    ops.set_backend()  # after joining a multi-host run: it asks JAX for the platform
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if config.job not in _WORKDIR_IS_DATASET:
       write_config_json(config, _WORKDIR.value)

@@ -55,7 +55,6 @@ def _autoencoder(preset: str) -> ml_collections.ConfigDict:
   a.with_decoder_nonlocal_attn = False
   a.remat = preset == "paper"
   a.dtype = "float32"  # compute dtype; params stay float32 ("bfloat16" on accelerators)
-  a.conv_impl = "auto"  # nn/conv_lowering.py: auto (per backend) | native | depth_sum | ...
   return a
 
 
@@ -66,7 +65,6 @@ def _discriminator(preset: str) -> ml_collections.ConfigDict:
   d.out_channels = 1
   d.num_layers_d = {"paper": 3, "demo": 2, "test": 2}[preset]
   d.channels = {"paper": 32, "demo": 16, "test": 8}[preset]
-  d.conv_impl = "auto"
   return d
 
 
@@ -91,7 +89,6 @@ def _unet(preset: str) -> ml_collections.ConfigDict:
   u.upcast_attention = True
   u.remat = preset == "paper"
   u.dtype = "float32"
-  u.conv_impl = "auto"
   return u
 
 

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from brain_ldm_jax.nn import ops
+
 # Parity tests compare against the real torch/monai packages. They fail when those are missing;
 # only a developer who sets this variable locally may skip them.
 SKIP_PARITY_ENV = "BRAIN_LDM_SKIP_PARITY"
@@ -15,6 +17,14 @@ def import_reference(name: str):
   if os.environ.get(SKIP_PARITY_ENV) == "1":
     pytest.skip(f"{SKIP_PARITY_ENV}=1: parity against {name} skipped on request")
   return importlib.import_module(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def conv_backend():
+  """The convolution backend chosen once, as the entry points do (`ops.set_backend`): "auto",
+  with the oneDNN handlers built before any test traces. Tests that compare implementations
+  use `ops.backend(...)`."""
+  ops.set_backend()
 
 
 @pytest.fixture(scope="session", autouse=True)

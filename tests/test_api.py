@@ -82,8 +82,8 @@ def test_samples_do_not_depend_on_the_batch(run):
 
 def test_the_sampling_loop_prepares_kernels_once_and_the_decoder_does_not(run, monkeypatch):
   # Traced only: which convolutions ask for kernels prepared from the parameters alone
-  # (conv_lowering.invariant_kernels), so that XLA hoists them out of the sampler's loop.
-  from brain_ldm_jax.nn import onednn  # pylint: disable=g-import-not-at-top
+  # (ops.invariant_kernels), so that XLA hoists them out of the sampler's loop.
+  from brain_ldm_jax.cpu import onednn  # pylint: disable=g-import-not-at-top
   asked = []
   plain_conv = onednn.conv
 

@@ -70,8 +70,7 @@ def bundle_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bundle")
   config = presets.base_config("test")
   torch.manual_seed(0)
-  ae_kwargs = {k: v for k, v in config.autoencoder.items() if k not in ("remat", "dtype",
-                                                                          "conv_impl")}
+  ae_kwargs = {k: v for k, v in config.autoencoder.items() if k not in ("remat", "dtype")}
   autoencoder = monai.networks.nets.AutoencoderKL(**ae_kwargs).eval()
   # Every weight random: MONAI zero-initialises the UNet's output convolution.
   unet = randomise(monai.networks.nets.DiffusionModelUNet(**SMALL_UNET), seed=1)

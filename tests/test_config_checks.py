@@ -42,7 +42,7 @@ BAD_VALUES = [
     ("autoencoder.latent_channels", 0, ">= 1"),
     ("autoencoder.in_channels", 2, "one of 1"),
     ("autoencoder.dtype", "float64", "'bfloat16'"),
-    ("autoencoder.conv_impl", "fast", "'native'"),
+    ("autoencoder.conv_impl", "native", "nn.ops.set_backend"),
     ("discriminator.num_layers_d", 0, ">= 1"),
     ("unet.norm_num_groups", 0, ">= 1"),
     ("unet.num_head_channels", (0, 8, 6), "divisor of 16"),

@@ -1,4 +1,7 @@
-"""Every conv lowering equals the native convolution: forward, input grad, kernel grad, under jit."""
+"""Every conv lowering equals the native convolution: forward, input grad, kernel grad, under jit.
+
+Implementations are chosen as everywhere, with `ops.backend` (the one route).
+"""
 
 import functools
 
@@ -7,12 +10,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.cpu import dispatch
+from brain_ldm_jax.cpu import lowerings
+from brain_ldm_jax.cpu.thresholds import THRESHOLDS
+from brain_ldm_jax.errors import ConfigError
+from brain_ldm_jax.nn import ops
 
 REWRITES = ("onednn", "depth_sum", "depth_fold", "im2col", "native_im2col", "patches")
 
 # (kernel size, stride, padding per axis): the network's 3^3 conv, its stride-2 downsample, 1^3.
 CASES = [(3, 1, (1, 1)), (3, 2, (0, 1)), (1, 1, (0, 0)), (1, 2, (0, 0))]
+
+
+def _conv(x, w, b=None, *, impl, **kw):
+  with ops.backend(impl):
+    return ops.conv(x, w, b, **kw)
+
+
+def _upsample2_conv(x, w, b=None, *, impl, padding):
+  with ops.backend(impl):
+    return ops.upsample2_conv(x, w, b, padding=padding)
 
 
 def _rel(a, b):
@@ -31,7 +48,7 @@ def _value_and_grads(impl, stride, pad, nd):
 
   def f(x, w, ct):
     def loss(x, w):
-      y = conv_lowering.conv(x, w, strides=(stride,) * nd, padding=(pad,) * nd, impl=impl)
+      y = _conv(x, w, strides=(stride,) * nd, padding=(pad,) * nd, impl=impl)
       return jnp.sum(y * ct), y
     (_, y), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
     return y, dx, dw
@@ -44,7 +61,7 @@ def _native_reference(spatial, k, stride, pad):
   """Inputs, cotangent and native (y, dx, dw), computed once per case for all rewrites."""
   x, w = _inputs(spatial, k)
   nd = len(spatial)
-  y = conv_lowering.conv(x, w, strides=(stride,) * nd, padding=(pad,) * nd, impl="native")
+  y = _conv(x, w, strides=(stride,) * nd, padding=(pad,) * nd, impl="native")
   ct = jax.random.normal(jax.random.PRNGKey(1), y.shape)
   return x, w, ct, _value_and_grads("native", stride, pad, nd)(x, w, ct)
 
@@ -73,13 +90,13 @@ def test_3d_lowering_matches_native(impl, k, stride, pad):
 def test_winograd_matches_native(monkeypatch, spatial, pad, strides, plane_min):
   # Value (with bias) and both gradients against the native convolution. The forward pass runs
   # along depth and height (plane_min 1) or depth only; the gradients along depth only.
-  monkeypatch.setattr(conv_lowering, "_WINOGRAD_DH_MIN_PLANE", plane_min)
+  monkeypatch.setitem(THRESHOLDS, "winograd_dh_min_plane", plane_min)
   x, w = _inputs(spatial, 3, cin=5, cout=4)
   bias = jax.random.normal(jax.random.PRNGKey(3), (4,))
 
   def value_and_grads(impl):
     def f(x, w, bias):
-      return conv_lowering.conv(x, w, bias, strides=strides, padding=pad, impl=impl)
+      return _conv(x, w, bias, strides=strides, padding=pad, impl=impl)
     y = f(x, w, bias)
     ct = jax.random.normal(jax.random.PRNGKey(1), y.shape)
     grads = jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(x, w, bias)
@@ -94,7 +111,7 @@ def test_winograd_matches_native(monkeypatch, spatial, pad, strides, plane_min):
 def test_winograd_rejects_other_kernels():
   x, w = _inputs((6, 7, 5), 1)
   with pytest.raises(ValueError, match="kernel size 3 and stride 1 along depth"):
-    conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((0, 0),) * 3, impl="winograd")
+    _conv(x, w, strides=(1, 1, 1), padding=((0, 0),) * 3, impl="winograd")
 
 
 @pytest.mark.parametrize("stride,pad,min_rows,chunks", [(1, (1, 1), 80, (1, 6)),
@@ -102,40 +119,40 @@ def test_winograd_rejects_other_kernels():
 def test_chunked_kernel_grad_matches_native(monkeypatch, stride, pad, min_rows, chunks):
   # Chunks of one or two output depth slices (the stride-2 case pads its last chunk): the slab
   # bounds of every chunk are exercised.
-  monkeypatch.setattr(conv_lowering, "_DW_CHUNK_FLOATS", 1)
-  monkeypatch.setattr(conv_lowering, "_DW_CHUNK_MIN_ROWS", min_rows)
+  monkeypatch.setitem(THRESHOLDS, "dw_chunk_floats", 1)
+  monkeypatch.setitem(THRESHOLDS, "dw_chunk_min_rows", min_rows)
   d_out = (6 + sum(pad) - 3) // stride + 1
-  assert conv_lowering._depth_chunks(d_out, 70, 3) == chunks
+  assert lowerings._depth_chunks(d_out, 70, 3) == chunks
   _check_against_native("depth_sum", (6, 7, 5), 3, stride, pad)
 
 
 def test_depth_chunks_cover_output_once():
   for d_out, rows, cin in [(40, 2240, 16), (40, 2240, 128), (20, 560, 256), (5, 140, 512),
                            (160, 35840, 64)]:
-    size, n = conv_lowering._depth_chunks(d_out, rows, cin)
+    size, n = lowerings._depth_chunks(d_out, rows, cin)
     assert (n - 1) * size < d_out <= n * size
   # The paper-width AE level splits; a small latent conv stays whole.
-  assert conv_lowering._depth_chunks(40, 2240, 128)[1] > 1
-  assert conv_lowering._depth_chunks(20, 560, 16)[1] == 1
+  assert lowerings._depth_chunks(40, 2240, 128)[1] > 1
+  assert lowerings._depth_chunks(20, 560, 16)[1] == 1
 
 
 @pytest.mark.parametrize("impl", ["auto", *REWRITES])
 def test_2d_input_uses_native(impl):
   x, w = _inputs((7, 5), 3)
   kw = dict(strides=(2, 1), padding=((0, 1), (1, 1)))
-  np.testing.assert_array_equal(conv_lowering.conv(x, w, impl=impl, **kw),
-                                conv_lowering.conv(x, w, impl="native", **kw))
+  np.testing.assert_array_equal(_conv(x, w, impl=impl, **kw),
+                                _conv(x, w, impl="native", **kw))
 
 
 def test_auto_under_jit_matches_native():
   x, w = _inputs((6, 7, 5), 3)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
-  got = jax.jit(lambda x, w: conv_lowering.conv(x, w, impl="auto", **kw))(x, w)
-  assert _rel(got, conv_lowering.conv(x, w, impl="native", **kw)) < 1e-5
+  got = jax.jit(lambda x, w: _conv(x, w, impl="auto", **kw))(x, w)
+  assert _rel(got, _conv(x, w, impl="native", **kw)) < 1e-5
 
 
 def test_choose_impl_rule():
-  choose = conv_lowering.choose_impl
+  choose = dispatch.choose_impl
   s1, s2 = (1, 1, 1), (2, 2, 2)
   # Without oneDNN: the XLA rewrites.
   assert choose((1, 40, 56, 40, 32), (3, 3, 3, 32, 32), s1, "cpu") == "depth_sum"
@@ -185,21 +202,21 @@ def test_choose_impl_rule():
 
 def test_unknown_impl_raises():
   x, w = _inputs((6, 7, 5), 3)
-  with pytest.raises(ValueError, match="unknown"):
-    conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3, impl="fft")
+  with pytest.raises(ConfigError, match="unknown"):
+    _conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3, impl="fft")
 
 
 @pytest.mark.parametrize("path", ["products", "subpixel", "subpixel_depth_sum"])
 def test_upsample2_conv_matches_upsample_then_native(monkeypatch, path):
   # Against the upsampled input convolved natively: value and the three gradients, borders
   # included. "products": oneDNN's handler (each input voxel times each tap, summed into the
-  # outputs), which `auto` takes from _TAP_PRODUCTS_MIN_CHANNELS channels. "subpixel": the 8
+  # outputs), which `auto` takes from tap_products_min_channels channels. "subpixel": the 8
   # parity convolutions of the low-resolution input; with impl="auto" their kernels' gradient
   # goes through oneDNN's sgemm, as at the paper's widths.
   products = path == "products"
-  monkeypatch.setattr(conv_lowering, "_TAP_PRODUCTS_MIN_CHANNELS", 1 if products else 10**9)
-  monkeypatch.setattr(conv_lowering, "_SUBPIXEL_MIN_VOXELS", 1)  # a small input takes it too
-  monkeypatch.setattr(conv_lowering, "_ONEDNN_MATMUL_MIN_KERNEL", 1)
+  monkeypatch.setitem(THRESHOLDS, "tap_products_min_channels", 1 if products else 10**9)
+  monkeypatch.setitem(THRESHOLDS, "subpixel_min_voxels", 1)  # a small input takes it too
+  monkeypatch.setitem(THRESHOLDS, "onednn_matmul_min_kernel", 1)
   impl = "depth_sum" if path.endswith("depth_sum") else "auto"
   x, w = _inputs((3, 4, 5), 3, cin=6, cout=5)
   b = jax.random.normal(jax.random.PRNGKey(3), (5,))
@@ -213,9 +230,9 @@ def test_upsample2_conv_matches_upsample_then_native(monkeypatch, path):
     return step.lower(x, w, b).as_text(), (y, *grads)
 
   hlo, got = value_and_grads(
-      lambda x, w, b: conv_lowering.upsample2_conv(x, w, b, padding=pad, impl=impl))
-  _, ref = value_and_grads(lambda x, w, b: conv_lowering.conv(
-      conv_lowering.upsample_nearest2(x), w, b, strides=(1, 1, 1), padding=pad, impl="native"))
+      lambda x, w, b: _upsample2_conv(x, w, b, padding=pad, impl=impl))
+  _, ref = value_and_grads(lambda x, w, b: _conv(
+      ops.upsample_nearest2(x), w, b, strides=(1, 1, 1), padding=pad, impl="native"))
   for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
     assert g.shape == r.shape, (name, g.shape, r.shape)
     assert _rel(g, r) < 1e-5, (name, _rel(g, r))
@@ -227,13 +244,13 @@ def test_upsample2_conv_off_the_subpixel_path_keeps_only_the_small_input(monkeyp
   # Where the upsampled input is built (GPU/TPU, small inputs), the backward pass builds it again
   # rather than keeping it: the gradients' residuals are x and the kernel. impl="native" is plain
   # autodiff, which keeps it.
-  monkeypatch.setattr(conv_lowering, "_SUBPIXEL_MIN_VOXELS", 10**9)
+  monkeypatch.setitem(THRESHOLDS, "subpixel_min_voxels", 10**9)
   x, w = _inputs((3, 4, 5), 3, cin=6, cout=5)
   ct = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 8, 10, 5))
   pad = ((1, 1),) * 3
 
   def upsample_conv(impl):
-    return lambda x, w: conv_lowering.upsample2_conv(x, w, padding=pad, impl=impl)
+    return lambda x, w: _upsample2_conv(x, w, padding=pad, impl=impl)
 
   def residual_shapes(f):
     return {leaf.shape for leaf in jax.tree_util.tree_leaves(jax.vjp(f, x, w)[1])}

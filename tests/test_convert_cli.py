@@ -21,8 +21,8 @@ def _monai_models(config):
   nets = import_reference("monai").networks.nets
   torch = import_reference("torch")
   torch.manual_seed(0)
-  ae_cfg = {k: v for k, v in config.autoencoder.items() if k not in ("remat", "dtype", "conv_impl")}
-  unet_cfg = {k: v for k, v in config.unet.items() if k not in ("remat", "dtype", "conv_impl")}
+  ae_cfg = {k: v for k, v in config.autoencoder.items() if k not in ("remat", "dtype")}
+  unet_cfg = {k: v for k, v in config.unet.items() if k not in ("remat", "dtype")}
   return nets.AutoencoderKL(**ae_cfg), nets.DiffusionModelUNet(**unet_cfg)
 
 

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from brain_ldm_jax import host
+from brain_ldm_jax.cpu import host
 
 # Allocates, fills and frees 64 MB four times; prints whether the setting took and the minor page
 # faults of the last three rounds (glibc unmaps a freed 64 MB block: 16384 4-KiB pages each time).
 _ROUNDS = """
 import ctypes, resource
-from brain_ldm_jax import host
+from brain_ldm_jax.cpu import host
 kept = host.keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -9,8 +9,9 @@ from conftest import import_reference
 from brain_ldm_jax import nn as bnn
 from brain_ldm_jax import presets
 from brain_ldm_jax.nn import convert
+from brain_ldm_jax.nn import ops
 
-_EXTRA = ("remat", "dtype", "conv_impl")
+_EXTRA = ("remat", "dtype")
 
 
 def n_params(tree) -> int:
@@ -29,10 +30,10 @@ def monai_n_params(cls, section) -> int:
 def test_parameter_counts_match_monai(preset):
   nets = import_reference("monai.networks.nets")
   cfg = presets.base_config(preset)
-  native = dict(conv_impl="native")  # shapes do not depend on the lowering; it traces fastest
-  ae = bnn.abstract_variables(bnn.build_autoencoder(cfg.autoencoder).clone(**native))
-  unet = bnn.abstract_variables(bnn.build_unet(cfg.unet).clone(**native))
-  disc = bnn.abstract_variables(bnn.build_discriminator(cfg.discriminator).clone(**native))
+  with ops.backend("native"):  # shapes do not depend on the lowering; it traces fastest
+    ae = bnn.abstract_variables(bnn.build_autoencoder(cfg.autoencoder))
+    unet = bnn.abstract_variables(bnn.build_unet(cfg.unet))
+    disc = bnn.abstract_variables(bnn.build_discriminator(cfg.discriminator))
   assert n_params(ae["params"]) == monai_n_params(nets.AutoencoderKL, cfg.autoencoder)
   assert n_params(unet["params"]) == monai_n_params(nets.DiffusionModelUNet, cfg.unet)
   assert n_params(disc["params"]) == monai_n_params(nets.PatchDiscriminator, cfg.discriminator)
@@ -73,7 +74,7 @@ def _tiny_unet(**kw):
   cfg = dict(spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 16), num_res_blocks=1,
              attention_levels=(False, True), norm_num_groups=4, num_head_channels=(0, 8),
              resblock_updown=True, with_conditioning=True, transformer_num_layers=1,
-             cross_attention_dim=2, upcast_attention=True, conv_impl="native")
+             cross_attention_dim=2, upcast_attention=True)
   cfg.update(kw)
   return bnn.DiffusionModelUNet(**cfg)
 
@@ -125,9 +126,14 @@ def test_unet_remat_and_bf16():
 @pytest.mark.parametrize("spatial_dims,conv_impl", [(2, "native"), (3, "auto")])
 def test_autoencoder_remat_and_bf16(spatial_dims, conv_impl):
   # 3D "auto" runs the oneDNN custom calls and the ordered res-block backward pass with them.
+  with ops.backend(conv_impl):
+    _check_autoencoder_remat_and_bf16(spatial_dims)
+
+
+def _check_autoencoder_remat_and_bf16(spatial_dims):
   kw = dict(spatial_dims=spatial_dims, channels=(8, 16), num_res_blocks=1,
             attention_levels=(False, False), norm_num_groups=4, with_encoder_nonlocal_attn=False,
-            with_decoder_nonlocal_attn=False, conv_impl=conv_impl)
+            with_decoder_nonlocal_attn=False)
   plain, remat = bnn.AutoencoderKL(**kw), bnn.AutoencoderKL(**kw, remat=True)
   variables = _random_variables(plain, 0)
   shape = (2, 16, 12, 1) if spatial_dims == 2 else (2, 16, 12, 8, 1)
@@ -158,7 +164,7 @@ def test_autoencoder_remat_and_bf16(spatial_dims, conv_impl):
 
 def test_discriminator_batch_stats_update():
   disc = bnn.build_discriminator(presets.base_config("test").discriminator)
-  disc = disc.clone(conv_impl="native", spatial_dims=2)
+  disc = disc.clone(spatial_dims=2)
   variables = bnn.init_variables(disc, jax.random.key(0))
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
   train = jax.jit(lambda v, x: disc.apply(v, x, use_running_average=False,
@@ -180,7 +186,7 @@ def test_weight_files_roundtrip_and_errors(tmp_path):
             with_decoder_nonlocal_attn=False)
   ref = nets.AutoencoderKL(**kw)
   sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-  model = bnn.AutoencoderKL(**kw, conv_impl="native")
+  model = bnn.AutoencoderKL(**kw)
   template = bnn.abstract_variables(model)
 
   torch.save({"state_dict": ref.state_dict(), "epoch": 3}, tmp_path / "ae.pt")
@@ -216,7 +222,7 @@ def test_autoencoder_remat_lowers_compiled_memory():
   # layers.remat must still shrink what the compiled backward pass keeps alive.
   kw = dict(spatial_dims=3, channels=(8, 16), num_res_blocks=2, attention_levels=(False, False),
             norm_num_groups=4, with_encoder_nonlocal_attn=False,
-            with_decoder_nonlocal_attn=False, conv_impl="native")
+            with_decoder_nonlocal_attn=False)
   x = jax.ShapeDtypeStruct((1, 32, 32, 32, 1), jnp.float32)
 
   def temp_bytes(model):
@@ -226,8 +232,9 @@ def test_autoencoder_remat_lowers_compiled_memory():
     compiled = jax.jit(jax.grad(loss)).lower(bnn.abstract_variables(model), x).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  plain = temp_bytes(bnn.AutoencoderKL(**kw))
-  remat = temp_bytes(bnn.AutoencoderKL(**kw, remat=True))
+  with ops.backend("native"):
+    plain = temp_bytes(bnn.AutoencoderKL(**kw))
+    remat = temp_bytes(bnn.AutoencoderKL(**kw, remat=True))
   assert remat < 0.6 * plain, (remat, plain)
 
 

@@ -16,18 +16,28 @@ from conftest import import_reference
 
 from brain_ldm_jax import nn as bnn
 from brain_ldm_jax.nn import convert
+from brain_ldm_jax.nn import ops
 
 torch = import_reference("torch")
 monai_nets = import_reference("monai.networks.nets")
 
 TOL = 1e-5
-_EXTRA = ("remat", "dtype", "conv_impl")
+_EXTRA = ("remat", "dtype")
 # Most cases pin the native lowering (it traces fastest); the "auto" cases cover the default path.
 AUTO_CASES = ("2d_self_attn_classes", "2d_attn_nonlocal", "2d_instance")
 
 
 def impl(case):
   return "auto" if case in AUTO_CASES else "native"
+
+
+@pytest.fixture(autouse=True)
+def conv_backend_of_case(request):
+  """Each parametrized case runs under its backend (`ops.backend`, the one route)."""
+  params = getattr(request.node, "callspec", None)
+  case = params.params.get("case") if params else None
+  with ops.backend(impl(case) if case else "auto"):
+    yield
 
 
 def rel_err(a, b) -> float:
@@ -127,7 +137,7 @@ def test_unet_parity(case):
   kw, spatial = UNET_CASES[case]
   ref = randomise(monai_nets.DiffusionModelUNet(**kw), seed=len(case))
   sd = state_dict_np(ref)
-  model = bnn.DiffusionModelUNet(**kw, conv_impl=impl(case))
+  model = bnn.DiffusionModelUNet(**kw)
   variables = bnn.monai_to_flax(ref.state_dict(), "unet", model)
 
   rng = np.random.default_rng(0)
@@ -184,7 +194,7 @@ def test_autoencoder_parity(case):
   kw, spatial = AE_CASES[case]
   ref = randomise(monai_nets.AutoencoderKL(**kw), seed=7)
   sd = state_dict_np(ref)
-  model = bnn.AutoencoderKL(**kw, conv_impl=impl(case))
+  model = bnn.AutoencoderKL(**kw)
   variables = bnn.monai_to_flax(ref.state_dict(), "autoencoder", model)
   x = np.random.default_rng(1).standard_normal((2,) + spatial + (1,)).astype(np.float32)
 
@@ -228,7 +238,7 @@ def test_discriminator_parity(case):
   kw, spatial = DISC_CASES[case]
   ref = randomise(monai_nets.PatchDiscriminator(**kw), seed=3)
   sd = state_dict_np(ref)
-  model = bnn.PatchDiscriminator(**kw, conv_impl=impl(case))
+  model = bnn.PatchDiscriminator(**kw)
   variables = bnn.monai_to_flax(ref.state_dict(), "discriminator", model)
   x = np.random.default_rng(2).standard_normal((3,) + spatial + (kw["in_channels"],))
   x = x.astype(np.float32)

@@ -11,8 +11,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from brain_ldm_jax.nn import conv_lowering
-from brain_ldm_jax.nn import onednn
+from brain_ldm_jax.cpu import dispatch
+from brain_ldm_jax.cpu import ffi
+from brain_ldm_jax.cpu import onednn
+from brain_ldm_jax.cpu.thresholds import THRESHOLDS
+from brain_ldm_jax.nn import ops
+
+
+def _conv(x, w, b=None, *, impl, **kw):
+  with ops.backend(impl):
+    return ops.conv(x, w, b, **kw)
 
 
 def _rel(a, b):
@@ -28,7 +36,7 @@ def _inputs(shape, k, cout, seed=0):
 
 def test_onednn_is_available_here():
   # The dependency and a C++ compiler are part of the supported CPU install: this must hold in CI.
-  assert onednn.available(), onednn.unavailable_reason()
+  assert ffi.available(), ffi.unavailable_reason()
 
 
 @pytest.mark.parametrize("stride,pad,blocked", [(1, (1, 1), False), (2, (0, 1), False),
@@ -37,13 +45,13 @@ def test_matches_native_at_blocked_widths(stride, pad, blocked, monkeypatch):
   # 16 -> 32 channels select oneDNN's blocked-kernel implementations (a kernel reorder each way),
   # unlike the 3 -> 4 channel cases of test_conv_lowering; `blocked` also reorders the activations
   # into oneDNN's layout and back, as the paper UNet's 512-768 channel convolutions do.
-  monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 16 if blocked else 1 << 30)
+  monkeypatch.setitem(THRESHOLDS, "blocked_min_channels", 16 if blocked else 1 << 30)
   x, w, kc = _inputs((2, 8, 10, 6, 16), 3, 32)
   kw = dict(strides=(stride,) * 3, padding=(pad,) * 3)
 
   def value_and_grads(impl):
     def loss(x, w):
-      y = conv_lowering.conv(x, w, impl=impl, **kw)
+      y = _conv(x, w, impl=impl, **kw)
       return jnp.sum(y * jax.random.normal(kc, y.shape)), y
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
     return (y, *grads)
@@ -55,14 +63,14 @@ def test_matches_native_at_blocked_widths(stride, pad, blocked, monkeypatch):
 
 @pytest.mark.parametrize("blocked", [False, True])
 def test_bias_and_its_gradient_inside_the_call(blocked, monkeypatch):
-  monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 8 if blocked else 1 << 30)
+  monkeypatch.setitem(THRESHOLDS, "blocked_min_channels", 8 if blocked else 1 << 30)
   x, w, kc = _inputs((2, 6, 7, 5, 8), 3, 16)
   bias = jax.random.normal(jax.random.PRNGKey(9), (16,), jnp.float32)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
 
   def grads(impl):
     def loss(x, w, b):
-      y = conv_lowering.conv(x, w, b, impl=impl, **kw)
+      y = _conv(x, w, b, impl=impl, **kw)
       return jnp.sum(y * jax.random.normal(kc, y.shape)), y
     (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, bias)
     return (y, *g)
@@ -75,7 +83,7 @@ def test_bias_and_its_gradient_inside_the_call(blocked, monkeypatch):
 def test_prepared_kernel_gives_the_same_values_and_gradients(blocked, cout, monkeypatch):
   # The reorder moves into a call of its own; the convolution and its gradients are unchanged,
   # to the bit. 40 output channels: oneDNN's layout pads the kernel beyond its own size.
-  monkeypatch.setattr(onednn, "_BLOCKED_MIN_CHANNELS", 16 if blocked else 1 << 30)
+  monkeypatch.setitem(THRESHOLDS, "blocked_min_channels", 16 if blocked else 1 << 30)
   x, w, kc = _inputs((2, 8, 10, 6, 16), 3, cout)
   bias = jax.random.normal(jax.random.PRNGKey(9), (cout,), jnp.float32)
 
@@ -85,7 +93,7 @@ def test_prepared_kernel_gives_the_same_values_and_gradients(blocked, cout, monk
       return jnp.sum(y * jax.random.normal(kc, y.shape)), y
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     (_, y), grads = fn(x, w, bias)
-    return (y, *grads), fn.lower(x, w, bias).as_text().count(onednn._PREPARE_TARGET)
+    return (y, *grads), fn.lower(x, w, bias).as_text().count(ffi.PREPARE_TARGET)
 
   (plain, n_plain), (prepared, n_prepared) = run(False), run(True)
   assert (n_plain, n_prepared) == (0, 1)
@@ -109,22 +117,22 @@ def _computation(hlo: str, name: str) -> str:
 
 def test_invariant_kernels_are_prepared_once_before_the_loop(monkeypatch):
   # Winograd's transformed kernels and oneDNN's reorders, at 16 channels standing in for 64+.
-  monkeypatch.setattr(conv_lowering, "_WINOGRAD_MIN_CHANNELS", 16)
+  monkeypatch.setitem(THRESHOLDS, "winograd_min_channels", 16)
   x, w, _ = _inputs((1, 6, 16, 16, 16), 3, 16)
-  assert conv_lowering.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "winograd"
+  assert dispatch.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "winograd"
 
   def loop(w, x):
-    step = lambda x, _: (x + 0.1 * conv_lowering.conv(x, w, strides=(1, 1, 1),  # noqa: E731
-                                                      padding=((1, 1),) * 3), None)
+    step = lambda x, _: (x + 0.1 * ops.conv(x, w, strides=(1, 1, 1),  # noqa: E731
+                                            padding=((1, 1),) * 3), None)
     return jax.lax.scan(step, x, None, length=3)[0]
 
   def invariant(w, x):
-    with conv_lowering.invariant_kernels():
+    with ops.invariant_kernels():
       return loop(w, x)
 
   tied, hoisted = jax.jit(loop).lower(w, x).compile(), jax.jit(invariant).lower(w, x).compile()
   assert _rel(hoisted(w, x), tied(w, x)) < 1e-6
-  target = f'custom_call_target="{onednn._PREPARE_TARGET}"'
+  target = f'custom_call_target="{ffi.PREPARE_TARGET}"'
   assert target not in tied.as_text()
   text = hoisted.as_text()
   body = _computation(text, re.search(r"while\(.*?body=%?([\w.\-]+)", text).group(1))
@@ -136,16 +144,16 @@ def test_weight_bound_convolutions_take_prepared_onednn_kernels_in_loops():
   # A kernel between the two `patches` thresholds (27 * 16 taps x Cout per voxel: 54): `patches`
   # in a single call, oneDNN with its kernel prepared before the loop inside `invariant_kernels`.
   x, w, _ = _inputs((1, 2, 2, 2, 16), 3, 16)
-  conv = lambda x: conv_lowering.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3)  # noqa: E731
+  conv = lambda x: ops.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3)  # noqa: E731
   single = jax.jit(conv).lower(x).as_text()
   assert "patches_conv" in single and "onednn_conv" not in single
 
   def invariant(x):
-    with conv_lowering.invariant_kernels():
+    with ops.invariant_kernels():
       return conv(x)
 
   looped = jax.jit(invariant).lower(x).as_text()
-  assert "patches_conv" not in looped and onednn._PREPARE_TARGET in looped
+  assert "patches_conv" not in looped and ffi.PREPARE_TARGET in looped
   assert _rel(jax.jit(invariant)(x), jax.jit(conv)(x)) < 1e-6
 
 
@@ -164,23 +172,23 @@ def test_materialize_is_an_identity_that_xla_cannot_fuse_through():
   assert abs(float(jax.jit(f)(x)) - float(ref(x))) < 1e-5
   assert _rel(jax.jit(jax.grad(f))(x), jax.grad(ref)(x)) < 1e-6
   hlo = jax.jit(f).lower(x).compile().as_text()
-  assert onednn._MATERIALIZE_TARGET in hlo
+  assert ffi.MATERIALIZE_TARGET in hlo
   assert not any("exponential" in line and "sine" in line for line in hlo.splitlines())
 
 
 def test_auto_uses_onednn_for_float32_on_cpu_only():
   x, w, _ = _inputs((1, 6, 7, 5, 8), 3, 8)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
-  hlo = lambda x, w: jax.jit(lambda x, w: conv_lowering.conv(x, w, **kw)).lower(x, w).as_text()
-  assert onednn._TARGET in hlo(x, w)
-  assert onednn._TARGET not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  hlo = lambda x, w: jax.jit(lambda x, w: ops.conv(x, w, **kw)).lower(x, w).as_text()
+  assert ffi.TARGET in hlo(x, w)
+  assert ffi.TARGET not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
 
 def test_vmap_matches_native():
   x, w, _ = _inputs((3, 2, 6, 7, 5, 4), 3, 8)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
-  got = jax.vmap(lambda x: conv_lowering.conv(x, w, impl="onednn", **kw))(x)
-  ref = jax.vmap(lambda x: conv_lowering.conv(x, w, impl="native", **kw))(x)
+  got = jax.vmap(lambda x: _conv(x, w, impl="onednn", **kw))(x)
+  ref = jax.vmap(lambda x: _conv(x, w, impl="native", **kw))(x)
   assert _rel(got, ref) < 1e-5
 
 
@@ -191,25 +199,25 @@ def test_rejects_other_dtypes():
 
 
 def test_unavailable_falls_back_and_says_why(monkeypatch):
-  monkeypatch.setattr(onednn, "_setup", lambda: "no oneDNN library here")
-  assert not onednn.available()
+  monkeypatch.setitem(ffi._status, "reason", "no oneDNN library here")
+  assert not ffi.available()
   x, w, _ = _inputs((1, 6, 7, 5, 16), 3, 16)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
-  hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, **kw)).lower(x, w).as_text()
-  assert onednn._TARGET not in hlo
-  with pytest.raises(onednn.OnednnUnavailableError, match="no oneDNN library here"):
-    conv_lowering.conv(x, w, impl="onednn", **kw)
+  hlo = jax.jit(lambda x, w: ops.conv(x, w, **kw)).lower(x, w).as_text()
+  assert ffi.TARGET not in hlo
+  with pytest.raises(ffi.OnednnUnavailableError, match="no oneDNN library here"):
+    _conv(x, w, impl="onednn", **kw)
 
 
 def test_missing_library_is_named(monkeypatch, tmp_path):
   monkeypatch.setenv("BRAIN_LDM_ONEDNN_LIB", str(tmp_path / "libdnnl.so.3"))
-  with pytest.raises(onednn.OnednnUnavailableError, match="libdnnl.so.3 is not a file"):
-    onednn._onednn_library()
+  with pytest.raises(ffi.OnednnUnavailableError, match="libdnnl.so.3 is not a file"):
+    ffi.onednn_library()
 
 
 def test_build_goes_to_the_cache_once(monkeypatch, tmp_path):
   monkeypatch.setenv("BRAIN_LDM_CACHE", str(tmp_path))
-  built = onednn._build()
+  built = ffi.build()
   assert built.parent == tmp_path and built.is_file()
   assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no partial files left behind
 
@@ -217,14 +225,14 @@ def test_build_goes_to_the_cache_once(monkeypatch, tmp_path):
     raise AssertionError("rebuilt although the cached library matches")
 
   monkeypatch.setattr(subprocess, "run", no_compiler)
-  assert onednn._build() == built
+  assert ffi.build() == built
 
 
 def test_build_error_is_reported(monkeypatch, tmp_path):
   monkeypatch.setenv("BRAIN_LDM_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "false")
-  with pytest.raises(onednn.OnednnUnavailableError, match="building onednn_conv.cc failed"):
-    onednn._build()
+  with pytest.raises(ffi.OnednnUnavailableError, match="building onednn_conv.cc failed"):
+    ffi.build()
   assert not any(tmp_path.glob("*.so"))
 
 
@@ -259,13 +267,13 @@ def test_matmul_rejects_bad_operands():
 
 
 def test_large_dense_kernels_use_onednn_matmul():
-  # conv_lowering.matmul (dense layers, `patches`): oneDNN's sgemm from 2^18 kernel elements on,
+  # ops.matmul (dense layers, `patches`): oneDNN's sgemm from 2^18 kernel elements on,
   # in float32; XLA's dot below that and in bfloat16.
   def uses_onednn(x, w):
-    return "onednn_matmul" in jax.jit(conv_lowering.matmul).lower(x, w).as_text()
+    return "onednn_matmul" in jax.jit(ops.matmul).lower(x, w).as_text()
 
   x = jnp.ones((1, 3, 512), jnp.float32)
-  assert conv_lowering._ONEDNN_MATMUL_MIN_KERNEL == 512 * 512
+  assert THRESHOLDS["onednn_matmul_min_kernel"] == 512 * 512
   assert uses_onednn(x, jnp.ones((512, 512), jnp.float32))
   assert not uses_onednn(x, jnp.ones((512, 511), jnp.float32))
   assert not uses_onednn(x.astype(jnp.bfloat16), jnp.ones((512, 512), jnp.bfloat16))
@@ -277,15 +285,15 @@ def test_patches_matches_native(handler, monkeypatch):
   # through its own handler (the taps gathered in the call, sgemm), or, without the handler, the
   # slices in XLA and oneDNN's matmul. Values and the three gradients, bias included.
   if not handler:
-    monkeypatch.setattr(conv_lowering, "_onednn_usable", lambda x, kernel: False)
+    monkeypatch.setattr(dispatch, "onednn_usable", lambda x, kernel: False)
   x, w, kc = _inputs((1, 2, 3, 2, 64), 3, 160)
   bias = jax.random.normal(jax.random.PRNGKey(9), (160,), jnp.float32)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
-  assert conv_lowering.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "patches"
+  assert dispatch.choose_impl(x.shape, w.shape, (1, 1, 1), "cpu", onednn=True) == "patches"
 
   def value_and_grads(impl):
     def loss(x, w, b):
-      y = conv_lowering.conv(x, w, b, impl=impl, **kw)
+      y = _conv(x, w, b, impl=impl, **kw)
       return jnp.sum(y * jax.random.normal(kc, y.shape))
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     return step, step(x, w, bias)
@@ -306,7 +314,7 @@ def test_patches_handler_refuses_mismatched_operands():
   x, w, _ = _inputs((1, 2, 3, 2, 4), 3, 5)
   geometry = onednn._geometry(x.shape, w.shape, (1, 2, 3, 2, 5), (1, 1, 1), ((1, 1),) * 3)
   bias = jnp.zeros((5,), jnp.float32)
-  call = lambda x: onednn._conv_pass(onednn._PATCHES_TARGET, onednn._FORWARD, geometry, x, w,
+  call = lambda x: onednn._conv_pass(ffi.PATCHES_TARGET, onednn._FORWARD, geometry, x, w,
                                      bias)
   assert jax.jit(call)(x)[0].shape == (1, 2, 3, 2, 5)
   with pytest.raises(Exception, match="operand sizes do not match"):
@@ -321,7 +329,7 @@ def test_upsample_handler_refuses_other_problems():
 
   def call(y_shape, x_used=lambda x: x):
     geometry = onednn._geometry(x.shape, w.shape, y_shape, (1, 1, 1), ((1, 1),) * 3)
-    return jax.jit(lambda x: onednn._conv_pass(onednn._UPSAMPLE_TARGET, onednn._FORWARD,
+    return jax.jit(lambda x: onednn._conv_pass(ffi.UPSAMPLE_TARGET, onednn._FORWARD,
                                                geometry, x_used(x), w, bias))(x)
 
   assert call((1, 4, 6, 4, 5))[0].shape == (1, 4, 6, 4, 5)
@@ -337,11 +345,11 @@ def test_hlo_flops_counts_every_pass():
   # Splat attributes (all dims equal) print as one value in the HLO text: x, y and the kernel here.
   x, w, _ = _inputs((3, 3, 3, 3, 3), 3, 3)
   kw = dict(strides=(1, 1, 1), padding=((1, 1),) * 3)
-  loss = lambda x, w: jnp.sum(conv_lowering.conv(x, w, impl="onednn", **kw) ** 2)
+  loss = lambda x, w: jnp.sum(_conv(x, w, impl="onednn", **kw) ** 2)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   per_pass = 2.0 * 3**4 * 3**5  # output voxels (batch included) * kernel volume * Cin * Cout
   assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
-  loss = lambda x, w: jnp.sum(conv_lowering.conv(x, w, impl="patches", **kw) ** 2)
+  loss = lambda x, w: jnp.sum(_conv(x, w, impl="patches", **kw) ** 2)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
   assert "patches_conv" in compiled.as_text()
   assert onednn.hlo_flops(compiled.as_text()) == 3 * per_pass
@@ -360,7 +368,10 @@ _SHARDED_PROGRAM = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from brain_ldm_jax.nn import conv_lowering, onednn
+from brain_ldm_jax.cpu import onednn
+from brain_ldm_jax.nn import ops
+
+ops.set_backend()
 
 rng = np.random.default_rng(0)
 x, r = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6, 7, 5, 8), (4, 6, 7, 5, 16)))
@@ -370,10 +381,11 @@ b = rng.standard_normal((16,)).astype(np.float32)
 m = (rng.standard_normal((16, 8)) / 4).astype(np.float32)
 
 def loss(x, r, w, b, m):
-  y = conv_lowering.conv(onednn.materialize(x * 2.0), w, b, impl="onednn", strides=(1, 1, 1),
-                         padding=((1, 1),) * 3)
+  with ops.backend("onednn"):
+    y = ops.conv(onednn.materialize(x * 2.0), w, b, strides=(1, 1, 1), padding=((1, 1),) * 3)
   z = onednn.matmul(y, m)
-  p = conv_lowering.conv(x, w, b, impl="patches", strides=(1, 1, 1), padding=((1, 1),) * 3)
+  with ops.backend("patches"):
+    p = ops.conv(x, w, b, strides=(1, 1, 1), padding=((1, 1),) * 3)
   u = onednn.upsample2_conv(x[:, :3, :3, :2], w, b)
   return (jnp.sum(y * r) + jnp.sum(onednn.probe(y)) + jnp.sum(z * z) + jnp.sum(p * r)
           + jnp.sum(u * r[:, :, :6, :4]))

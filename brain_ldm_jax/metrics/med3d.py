@@ -8,10 +8,8 @@ shortcut (1^3 conv stride s + BN) where shape changes. BatchNorm in inference mo
 Features = global average of layer4's output, i.e. the input of the segmentation head, which is
 not ported (its checkpoint keys `conv_seg.*` are ignored). Channels last: (B, x, y, z, 1).
 
-All convolutions go through `brain_ldm_jax.nn.conv_lowering.conv`. That function has no kernel
-dilation, so the dilated 3^3 convolutions of layer3/4 are rewritten exactly as "space to batch":
-a stride-1 convolution with dilation d equals d^3 undilated convolutions on the d-strided
-sub-grids of the padded input, interleaved back.
+All convolutions go through `brain_ldm_jax.nn.ops.conv`, the networks' seam (the dilated 3^3
+convolutions of layer3/4 included: it rewrites them exactly as "space to batch").
 
 Weights: the published PyTorch checkpoints (MedicalNet release, e.g. `pretrain/resnet_10_23dataset.pth`,
 `resnet_50_23dataset.pth`; also mirrored by Warvito/MedicalNet-models) are read with
@@ -33,7 +31,7 @@ import numpy as np
 
 from brain_ldm_jax.errors import ConfigError, DataError
 from brain_ldm_jax.metrics.fid import FeatureExtractor
-from brain_ldm_jax.nn import conv_lowering
+from brain_ldm_jax.nn import ops
 
 # depth -> (block, blocks per layer)
 ARCHS = {
@@ -55,46 +53,21 @@ WEIGHTS_HELP = (
     "recorded with every FID it produces.")
 
 
-def _dilated_conv(x: jax.Array, kernel: jax.Array, dilation: int, impl: str) -> jax.Array:
-  """Stride-1 'same' convolution with kernel dilation d (padding d for a 3-tap kernel)."""
-  d = dilation
-  k = kernel.shape[0]
-  pad = d * (k - 1) // 2
-  b, *sp, c = x.shape
-  padded = [n + 2 * pad for n in sp]
-  full = [-(-n // d) * d for n in padded]  # round up to a multiple of d
-  x = jnp.pad(x, [(0, 0)] + [(pad, pad + f - p) for p, f in zip(padded, full)] + [(0, 0)])
-  m = [f // d for f in full]
-  # (B, m0, d, m1, d, m2, d, C) -> (B, d, d, d, m0, m1, m2, C) -> (B d^3, m0, m1, m2, C)
-  x = x.reshape(b, m[0], d, m[1], d, m[2], d, c).transpose(0, 2, 4, 6, 1, 3, 5, 7)
-  x = x.reshape(b * d ** 3, *m, c)
-  y = conv_lowering.conv(x, kernel, strides=(1, 1, 1), padding=[(0, 0)] * 3, impl=impl)
-  o = y.shape[1:4]
-  y = y.reshape(b, d, d, d, *o, -1).transpose(0, 4, 1, 5, 2, 6, 3, 7)
-  y = y.reshape(b, o[0] * d, o[1] * d, o[2] * d, -1)
-  return y[:, :sp[0], :sp[1], :sp[2]]
-
-
 class Conv3D(nn.Module):
-  """Bias-free 3D convolution with PyTorch-style symmetric padding, via `conv_lowering`."""
+  """Bias-free 3D convolution with PyTorch-style symmetric padding, via `ops.conv`."""
   features: int
   kernel_size: int
   stride: int = 1
   dilation: int = 1
-  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (k, k, k, x.shape[-1], self.features), jnp.float32)
-    if self.dilation > 1:
-      if self.stride != 1:
-        raise ValueError("dilated convolutions are stride 1 in Med3D")
-      return _dilated_conv(x, kernel, self.dilation, self.impl)
-    p = (k - 1) // 2
-    return conv_lowering.conv(x, kernel, strides=(self.stride,) * 3, padding=[(p, p)] * 3,
-                              impl=self.impl)
+    p = self.dilation * (k - 1) // 2
+    return ops.conv(x, kernel, strides=(self.stride,) * 3, padding=[(p, p)] * 3,
+                    dilation=self.dilation)
 
 
 def _bn(name):
@@ -108,11 +81,10 @@ class Block(nn.Module):
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
-  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(Conv3D, impl=self.impl)
+    conv = Conv3D
     if self.kind == "basic":
       out = nn.relu(_bn("bn1")(conv(self.planes, 3, self.stride, self.dilation, name="conv1")(x)))
       out = _bn("bn2")(conv(self.planes, 3, 1, self.dilation, name="conv2")(out))
@@ -133,7 +105,6 @@ class Med3DResNet(nn.Module):
   With `pool=False` it returns the layer4 feature map itself (for the perceptual loss).
   """
   depth: int = 10
-  impl: str = "auto"
   pool: bool = True
 
   @nn.compact
@@ -144,7 +115,7 @@ class Med3DResNet(nn.Module):
     expansion = 1 if kind == "basic" else 4
     if x.ndim == 4:
       x = x[..., None]
-    x = Conv3D(64, 7, 2, impl=self.impl, name="conv1")(x.astype(jnp.float32))
+    x = Conv3D(64, 7, 2, name="conv1")(x.astype(jnp.float32))
     x = nn.relu(_bn("bn1")(x))
     x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 3, 1), (1, 2, 2, 2, 1),
                               [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)])
@@ -154,7 +125,7 @@ class Med3DResNet(nn.Module):
       for bi in range(n):
         s = stride if bi == 0 else 1
         down = bi == 0 and (s != 1 or inplanes != planes * expansion)
-        x = Block(kind, planes, s, dil, down, self.impl, name=f"layer{li + 1}_{bi}")(x)
+        x = Block(kind, planes, s, dil, down, name=f"layer{li + 1}_{bi}")(x)
         inplanes = planes * expansion
     return x.mean(axis=(1, 2, 3)) if self.pool else x
 
@@ -258,7 +229,7 @@ def require_weights(path: str | None, field: str = "the evaluation config's Med3
     raise ConfigError(f"Med3D weights file {path!r} does not exist. " + WEIGHTS_HELP.format(field=field))
 
 
-def load_med3d(path: str | None, depth: int | None = None, impl: str = "auto",
+def load_med3d(path: str | None, depth: int | None = None,
                field: str = "the evaluation config's Med3D weights field"):
   """Load a MedicalNet `.pth` into (Med3DResNet module, variables); depth inferred if None."""
   require_weights(path, field)
@@ -271,7 +242,7 @@ def load_med3d(path: str | None, depth: int | None = None, impl: str = "auto",
   found = infer_depth(state)
   if depth is not None and depth != found:
     raise DataError(f"{path}: holds a ResNet-{found}, but depth {depth} was requested")
-  module = Med3DResNet(depth=found, impl=impl)
+  module = Med3DResNet(depth=found)
   return module, convert_state_dict(state, module, path)
 
 

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brain_ldm_jax.nn import conv_lowering
 from brain_ldm_jax.nn import layers
+from brain_ldm_jax.nn import ops
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -43,11 +43,9 @@ class AEResBlock(nn.Module):
   norm_num_groups: int
   norm_eps: float
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   def setup(self):
-    conv = lambda f, k: layers.Conv(f, k, padding=k // 2, dtype=self.dtype,  # noqa: E731
-                                    impl=self.conv_impl)
+    conv = lambda f, k: layers.Conv(f, k, padding=k // 2, dtype=self.dtype)  # noqa: E731
     norm_silu = lambda: layers.GroupNorm(self.norm_num_groups, self.norm_eps,  # noqa: E731
                                          silu=True, dtype=self.dtype)
     self.norm1, self.conv1 = norm_silu(), conv(self.out_channels, 3)
@@ -75,7 +73,7 @@ def _res_block_remat_vjp(block: AEResBlock, params, x, ct):
   Left to XLA's scheduler, the generic recomputation kept the first norm's output, the shortcut's
   input gradient and the input at once (at the paper autoencoder's first decoder block at full
   resolution, 128 channels, each twice the size of the block's output), and that block set the
-  memory peak of the whole train step. Here each step is tied (`layers.after`, through the
+  memory peak of the whole train step. Here each step is tied (`ops.after`, through the
   parameters, which are small) to the cotangent it follows, so nothing is computed before it is
   needed: the first norm's output is recomputed twice, for conv1's forward pass and again for its
   kernel gradient, and the shortcut's input gradient comes last.
@@ -86,20 +84,20 @@ def _res_block_remat_vjp(block: AEResBlock, params, x, ct):
   def vjp(name, p, h, cotangent, split=False):
     """(d params, d input) of sublayer `name`, computed once `cotangent` exists. `split`: the
     input gradient only after the parameter gradient (which frees `h` first)."""
-    p_late = layers.after(p, cotangent)
+    p_late = ops.after(p, cotangent)
     if not split:
       return jax.vjp(lambda q, g: layer(name, q, g), p_late, h)[1](cotangent)
     (dp,) = jax.vjp(lambda q: layer(name, q, h), p_late)[1](cotangent)
-    (dh,) = jax.vjp(lambda g: layer(name, layers.after(p, dp), g), h)[1](cotangent)
+    (dh,) = jax.vjp(lambda g: layer(name, ops.after(p, dp), g), h)[1](cotangent)
     return dp, dh
 
   p = params
   # In memory once: computed inside its consumers, the cotangent (often the next block's input
   # gradient, a fusion) would keep that block's tensors alive through this whole backward pass.
-  ct = conv_lowering.in_memory(ct.astype(block.dtype))
+  ct = ops.in_memory(ct.astype(block.dtype))
   grads = {}
-  c1 = layer("conv1", p["conv1"], layer("norm1", layers.after(p["norm1"], ct), x))
-  n2 = layer("norm2", layers.after(p["norm2"], ct), c1)
+  c1 = layer("conv1", p["conv1"], layer("norm1", ops.after(p["norm1"], ct), x))
+  n2 = layer("norm2", ops.after(p["norm2"], ct), c1)
   grads["conv2"], dn2 = vjp("conv2", p["conv2"], n2, ct, split=True)
   grads["norm2"], dc1 = vjp("norm2", p["norm2"], c1, dn2)
   n1_after = dc1
@@ -107,15 +105,15 @@ def _res_block_remat_vjp(block: AEResBlock, params, x, ct):
     # Its kernel gradient now, while little else is alive, from a copy of x made now (x tied
     # through the parameters only would let CSE keep the forward pass's copy alive until here),
     # and before n1 exists.
-    grads["nin_shortcut"], _ = vjp("nin_shortcut", p["nin_shortcut"], layers.after(x, dc1), ct)
+    grads["nin_shortcut"], _ = vjp("nin_shortcut", p["nin_shortcut"], ops.after(x, dc1), ct)
     n1_after = grads["nin_shortcut"]
-  n1 = layer("norm1", layers.after(p["norm1"], n1_after), x)
+  n1 = layer("norm1", ops.after(p["norm1"], n1_after), x)
   grads["conv1"], dn1 = vjp("conv1", p["conv1"], n1, dc1, split=True)
   grads["norm1"], dx = vjp("norm1", p["norm1"], x, dn1)
   if "nin_shortcut" in p:
     # In memory before the shortcut's gradient is added: x and dn1 can go first.
-    dx = conv_lowering.in_memory(dx)
-    (dx_short,) = jax.vjp(lambda g: layer("nin_shortcut", layers.after(p["nin_shortcut"], dx), g),
+    dx = ops.in_memory(dx)
+    (dx_short,) = jax.vjp(lambda g: layer("nin_shortcut", ops.after(p["nin_shortcut"], dx), g),
                           x)[1](ct)
   else:
     dx_short = ct
@@ -125,23 +123,21 @@ def _res_block_remat_vjp(block: AEResBlock, params, x, ct):
 class Downsample(nn.Module):
   """MONAI AEKLDownsample: pad (0, 1) per axis, then a stride-2 3³ conv without padding."""
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = x.ndim - 2
     return layers.Conv(x.shape[-1], 3, strides=2, padding=((0, 1),) * nd, dtype=self.dtype,
-                       impl=self.conv_impl, name="conv")(x)
+                       name="conv")(x)
 
 
 class Upsample(nn.Module):
   """MONAI Upsample(nontrainable, nearest ×2) followed by its 3³ `postconv`."""
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.Conv(x.shape[-1], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
+    return layers.Conv(x.shape[-1], 3, padding=1, dtype=self.dtype,
                        upsample=True, name="postconv")(x)
 
 
@@ -157,7 +153,6 @@ class Encoder(nn.Module):
   with_nonlocal_attn: bool = True
   remat: bool = False
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -171,26 +166,25 @@ class Encoder(nn.Module):
       return f"blocks_{i - 1}"
 
     def res(h, ch):
-      return res_block(h.shape[-1], ch, self.norm_num_groups, self.norm_eps,
-                       conv_impl=self.conv_impl, name=name(), **kw)(h)
+      return res_block(h.shape[-1], ch, self.norm_num_groups, self.norm_eps, name=name(), **kw)(h)
 
     def attn(h):
       return layers.SpatialAttentionBlock(self.norm_num_groups, self.norm_eps, name=name(),
                                           **kw)(h)
 
-    h = layers.Conv(self.channels[0], 3, padding=1, impl=self.conv_impl, name=name(), **kw)(x)
+    h = layers.Conv(self.channels[0], 3, padding=1, name=name(), **kw)(x)
     for level, ch in enumerate(self.channels):
       for _ in range(self.num_res_blocks[level]):
         h = res(h, ch)
         if self.attention_levels[level]:
           h = attn(h)
       if level != len(self.channels) - 1:
-        h = Downsample(conv_impl=self.conv_impl, name=name(), **kw)(h)
+        h = Downsample(name=name(), **kw)(h)
     if self.with_nonlocal_attn:
       h = attn(res(h, self.channels[-1]))
       h = res(h, self.channels[-1])
     h = layers.GroupNorm(self.norm_num_groups, self.norm_eps, name=name(), **kw)(h)
-    return layers.Conv(self.out_channels, 3, padding=1, impl=self.conv_impl, name=name(), **kw)(h)
+    return layers.Conv(self.out_channels, 3, padding=1, name=name(), **kw)(h)
 
 
 class Decoder(nn.Module):
@@ -210,20 +204,19 @@ class Decoder(nn.Module):
   with_nonlocal_attn: bool = True
   remat: bool = False
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   def setup(self):
     res_block = layers.remat(AEResBlock) if self.remat else AEResBlock
     kw = dict(dtype=self.dtype)
-    res = lambda cin, cout: res_block(cin, cout, self.norm_num_groups,  # noqa: E731
-                                      self.norm_eps, conv_impl=self.conv_impl, **kw)
+    res = lambda cin, cout: res_block(cin, cout, self.norm_num_groups, self.norm_eps,  # noqa: E731
+                                      **kw)
     attn = lambda: layers.SpatialAttentionBlock(self.norm_num_groups,  # noqa: E731
                                                 self.norm_eps, **kw)
     rev_ch = tuple(reversed(self.channels))
     rev_attn = tuple(reversed(self.attention_levels))
     rev_nres = tuple(reversed(self.num_res_blocks))
     ch = rev_ch[0]
-    blocks = [layers.Conv(ch, 3, padding=1, impl=self.conv_impl, **kw)]
+    blocks = [layers.Conv(ch, 3, padding=1, **kw)]
     if self.with_nonlocal_attn:
       blocks += [res(ch, ch), attn(), res(ch, ch)]
     self.full_resolution_from = 0  # the index of the last upsampling block
@@ -235,9 +228,9 @@ class Decoder(nn.Module):
           blocks.append(attn())
       if level != len(rev_ch) - 1:
         self.full_resolution_from = len(blocks)
-        blocks.append(Upsample(conv_impl=self.conv_impl, **kw))
+        blocks.append(Upsample(**kw))
     blocks.append(layers.GroupNorm(self.norm_num_groups, self.norm_eps, **kw))
-    blocks.append(layers.Conv(self.out_channels, 3, padding=1, impl=self.conv_impl, **kw))
+    blocks.append(layers.Conv(self.out_channels, 3, padding=1, **kw))
     self.blocks = blocks  # named blocks_0, blocks_1, ... as MONAI's state dict
 
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -276,7 +269,6 @@ class AutoencoderKL(nn.Module):
   with_decoder_nonlocal_attn: bool = True
   remat: bool = False
   dtype: str = "float32"
-  conv_impl: str = "auto"
 
   def setup(self):
     # setup (not compact): encode/decode/__call__ share the submodules.
@@ -292,14 +284,13 @@ class AutoencoderKL(nn.Module):
     dtype = layers.as_dtype(self.dtype)
     common = dict(channels=channels, num_res_blocks=nres, norm_num_groups=self.norm_num_groups,
                   norm_eps=self.norm_eps, attention_levels=tuple(self.attention_levels),
-                  remat=self.remat, dtype=dtype, conv_impl=self.conv_impl)
+                  remat=self.remat, dtype=dtype)
     encoder = layers.remat(Encoder) if self.remat else Encoder
     self.encoder = encoder(out_channels=self.latent_channels,
                            with_nonlocal_attn=self.with_encoder_nonlocal_attn, **common)
     self.decoder = Decoder(out_channels=self.out_channels,
                            with_nonlocal_attn=self.with_decoder_nonlocal_attn, **common)
-    conv1 = lambda name: layers.Conv(self.latent_channels, 1, dtype=dtype,  # noqa: E731
-                                     impl=self.conv_impl, name=name)
+    conv1 = lambda name: layers.Conv(self.latent_channels, 1, dtype=dtype, name=name)  # noqa: E731
     self.quant_conv_mu = conv1("quant_conv_mu")
     self.quant_conv_log_sigma = conv1("quant_conv_log_sigma")
     self.post_quant_conv = conv1("post_quant_conv")

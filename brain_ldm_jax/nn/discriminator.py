@@ -51,14 +51,13 @@ class _ConvNormAct(nn.Module):
   activation: str
   negative_slope: float
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
     # MONAI's normal_init: conv weights N(0, 0.02), biases 0, BatchNorm weights N(1, 0.02).
     h = layers.Conv(self.features, self.kernel_size, self.strides, self.padding,
                     use_bias=self.use_bias, kernel_init=nn.initializers.normal(0.02),
-                    dtype=self.dtype, impl=self.conv_impl, name="conv")(x)
+                    dtype=self.dtype, name="conv")(x)
     norm = self.norm.upper()
     if norm == "BATCH":
       h = layers.BatchNorm(scale_init=lambda k, s, d=jnp.float32: 1.0 + 0.02 * jax.random.normal(
@@ -88,7 +87,6 @@ class PatchDiscriminator(nn.Module):
   dropout: float = 0.0
   last_conv_kernel_size: int | None = None
   dtype: str = "float32"
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool = True) -> list[jax.Array]:
@@ -98,8 +96,7 @@ class PatchDiscriminator(nn.Module):
       raise ValueError(f"PatchDiscriminator: expected (batch, *{self.spatial_dims} spatial, "
                        f"{self.in_channels}) channels-last, got shape {x.shape}")
     dtype = layers.as_dtype(self.dtype)
-    act = dict(activation=self.activation, negative_slope=self.negative_slope, dtype=dtype,
-               conv_impl=self.conv_impl)
+    act = dict(activation=self.activation, negative_slope=self.negative_slope, dtype=dtype)
     outs = []
     h = _ConvNormAct(self.channels, self.kernel_size, 2, self.padding, True, "NONE",
                      name="initial_conv", **act)(x, use_running_average)
@@ -113,7 +110,7 @@ class PatchDiscriminator(nn.Module):
       outs.append(h)
     k = self.last_conv_kernel_size or self.kernel_size
     h = _ConvNormAct(self.out_channels, k, 1, (k - 1) // 2, True, "NONE", "NONE", 0.0, dtype=dtype,
-                     conv_impl=self.conv_impl, name="final_conv")(h, use_running_average)
+                     name="final_conv")(h, use_running_average)
     outs.append(h)
     return [o.astype(jnp.float32) for o in outs]
 

@@ -1,7 +1,7 @@
 """Shared layers with PyTorch/MONAI semantics, channels last.
 
-Every convolution in the networks is a `Conv` from this file, and `Conv` is the only caller of
-`conv_lowering.conv`, so swapping the CPU/GPU lowering happens in one place.
+Every convolution in the networks is a `Conv` from this file, and it calls `ops.conv`, the seam
+where the platform's lowering is chosen (`ops.set_backend`).
 
 Precision: parameters are float32; `dtype` is the compute dtype (bf16 on accelerators). Norm
 statistics and softmax are always computed in float32 and cast back to the compute dtype.
@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from brain_ldm_jax.nn import conv_lowering
 from brain_ldm_jax.errors import ConfigError
-from brain_ldm_jax.nn.conv_lowering import after, upsample_nearest2  # noqa: F401  (part of this API)
+from brain_ldm_jax.nn import ops
 
 Dtype = Any
 Initializer = Any
@@ -71,7 +70,7 @@ class Conv(nn.Module):
   `padding` is an int (symmetric, as PyTorch) or per-axis (low, high) pairs (e.g. MONAI's
   AEKLDownsample pads (0, 1) and then convolves without padding: one asymmetric conv here).
   `upsample`: the input is first nearest-upsampled ×2 (MONAI's Upsample -> conv), computed by
-  `conv_lowering.upsample2_conv` without building the upsampled input where it can.
+  `ops.upsample2_conv` without building the upsampled input where it can.
   """
   features: int
   kernel_size: int = 3
@@ -81,7 +80,6 @@ class Conv(nn.Module):
   zero_init: bool = False  # MONAI's zero_module(...) convolutions
   kernel_init: Initializer | None = None
   dtype: Dtype = jnp.float32
-  impl: str = "auto"
   upsample: bool = False
 
   @nn.compact
@@ -102,10 +100,8 @@ class Conv(nn.Module):
     if self.upsample:
       if any(s != 1 for s in strides):
         raise ValueError(f"Conv(upsample=True) takes stride 1, got {self.strides}")
-      return conv_lowering.upsample2_conv(x, kernel, bias, padding=_pairs(self.padding, nd),
-                                          impl=self.impl)
-    return conv_lowering.conv(x, kernel, bias, strides=strides, padding=_pairs(self.padding, nd),
-                              impl=self.impl)
+      return ops.upsample2_conv(x, kernel, bias, padding=_pairs(self.padding, nd))
+    return ops.conv(x, kernel, bias, strides=strides, padding=_pairs(self.padding, nd))
 
 
 class Linear(nn.Module):
@@ -118,7 +114,7 @@ class Linear(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cin = x.shape[-1]
     kernel = self.param("kernel", torch_default_kernel_init, (cin, self.features), jnp.float32)
-    y = conv_lowering.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = ops.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", _uniform_bias_init(cin), (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -166,7 +162,7 @@ def _group_mean(t, num_groups):
   """Mean of t (B, voxels, C) over the voxels and each group's channels, per channel (B, 1, C).
 
   Kept channels-last throughout (a reduction along contiguous channel rows, then a fold of each
-  group's channels): XLA:CPU runs this 6-7x faster than one reduction over (voxels, channels in
+  group's channels): XLA:CPU runs this several times faster than one reduction over (voxels, channels in
   group) of a (B, voxels, groups, channels per group) view.
   """
   b, v, c = t.shape
@@ -394,8 +390,8 @@ def remat(cls: type[nn.Module]) -> type[nn.Module]:
   input gradient non-finite, as it would be anyway).
 
   A class may order its own recomputation and backward pass (to bound the memory peak) with a
-  static `remat_vjp(unbound_module, variables, args, ct) -> (params_ct, *args_ct)`; `after` is
-  the tool for that.
+  static `remat_vjp(unbound_module, variables, args, ct) -> (params_ct, *args_ct)`; `ops.after`
+  is the tool for that.
   """
 
   def call(module, *args):
@@ -433,7 +429,7 @@ def recompute(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
 
   def backward(residuals, ct):
     variables, args = residuals
-    args = after(args, ct)
+    args = ops.after(args, ct)
     _, vjp = jax.vjp(lambda v, *a: unbound.apply(v, *a, method=fn), variables, *args)
     variables_ct, *args_ct = vjp(ct)
     return ({"params": variables_ct["params"]}, *args_ct)
@@ -444,7 +440,7 @@ def recompute(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
 def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
   """Constructor kwargs for a network module from a config section (ConfigDict or dict).
 
-  Keys must be the module's field names (MONAI's argument names plus remat/dtype/conv_impl);
+  Keys must be the module's field names (MONAI's argument names plus remat/dtype);
   sequences become tuples so the module stays hashable.
   """
   import dataclasses  # pylint: disable=g-import-not-at-top

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from brain_ldm_jax.nn import layers
+from brain_ldm_jax.nn import ops
 
 
 def hybrid_conditioning(z: jax.Array, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,7 +55,6 @@ class ResnetBlock(nn.Module):
   up: bool = False
   down: bool = False
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
@@ -62,18 +62,18 @@ class ResnetBlock(nn.Module):
                                               silu=True, dtype=self.dtype, name=name)
     h = norm_silu("norm1")(x)
     if self.up:
-      x = layers.upsample_nearest2(x)  # h is upsampled inside conv1
+      x = ops.upsample_nearest2(x)  # h is upsampled inside conv1
     elif self.down:
       x, h = layers.avg_pool2(x), layers.avg_pool2(h)
-    h = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
+    h = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype,
                     upsample=self.up, name="conv1")(h)
     temb = layers.Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))
     h = h + temb.reshape((temb.shape[0],) + (1,) * (h.ndim - 2) + (-1,))
     h = norm_silu("norm2")(h)
     h = layers.Conv(self.out_channels, 3, padding=1, zero_init=True, dtype=self.dtype,
-                    impl=self.conv_impl, name="conv2")(h)
+                    name="conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = layers.Conv(self.out_channels, 1, dtype=self.dtype, impl=self.conv_impl,
+      x = layers.Conv(self.out_channels, 1, dtype=self.dtype,
                       name="skip_connection")(x)
     return x.astype(h.dtype) + h
 
@@ -117,14 +117,13 @@ class SpatialTransformer(nn.Module):
   upcast_attention: bool = False
   remat: bool = False
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     c = x.shape[-1]
     inner = self.num_heads * self.num_head_channels
     h = layers.GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm")(x)
-    h = layers.Conv(inner, 1, dtype=self.dtype, impl=self.conv_impl, name="proj_in")(h)
+    h = layers.Conv(inner, 1, dtype=self.dtype, name="proj_in")(h)
     spatial = h.shape[1:-1]
     h = h.reshape(h.shape[0], -1, inner)
     block = layers.remat(TransformerBlock) if self.remat else TransformerBlock
@@ -132,7 +131,7 @@ class SpatialTransformer(nn.Module):
       h = block(self.num_heads, self.upcast_attention, dtype=self.dtype,
                 name=f"transformer_blocks_{i}")(h, context)
     h = h.reshape((h.shape[0],) + spatial + (inner,))
-    h = layers.Conv(c, 1, zero_init=True, dtype=self.dtype, impl=self.conv_impl,
+    h = layers.Conv(c, 1, zero_init=True, dtype=self.dtype,
                     name="proj_out")(h)
     return h + x.astype(h.dtype)
 
@@ -141,16 +140,14 @@ class _Resample(nn.Module):
   """Plain (non-resblock) resampling: stride-2 3³ conv `op` down, nearest ×2 + `postconv` up."""
   up: bool
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     del emb
     if self.up:
-      return layers.Conv(x.shape[-1], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
+      return layers.Conv(x.shape[-1], 3, padding=1, dtype=self.dtype,
                          upsample=True, name="postconv")(x)
-    return layers.Conv(x.shape[-1], 3, strides=2, padding=1, dtype=self.dtype,
-                       impl=self.conv_impl, name="op")(x)
+    return layers.Conv(x.shape[-1], 3, strides=2, padding=1, dtype=self.dtype, name="op")(x)
 
 
 class _Level(nn.Module):
@@ -166,13 +163,12 @@ class _Level(nn.Module):
   up: bool
   cfg: tuple  # (norm_num_groups, norm_eps, resblock_updown, transformer_num_layers, upcast, remat)
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h, emb, context, skips=None):
     groups, eps, updown, n_layers, upcast, remat = self.cfg
     res_block = layers.remat(ResnetBlock) if remat else ResnetBlock
-    kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+    kw = dict(dtype=self.dtype)
     outputs = []
     skips = list(skips) if skips is not None else None
     for i in range(self.num_res_blocks):
@@ -204,13 +200,12 @@ class _MidBlock(nn.Module):
   with_conditioning: bool
   cfg: tuple
   dtype: layers.Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h, emb, context):
     groups, eps, _, n_layers, upcast, remat = self.cfg
     res_block = layers.remat(ResnetBlock) if remat else ResnetBlock
-    kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+    kw = dict(dtype=self.dtype)
     c = h.shape[-1]
     h = res_block(c, groups, eps, name="resnet_1", **kw)(h, emb)
     if self.with_conditioning:
@@ -248,7 +243,6 @@ class DiffusionModelUNet(nn.Module):
   upcast_attention: bool = False
   remat: bool = False
   dtype: str = "float32"
-  conv_impl: str = "auto"
 
   def _validate(self):
     ch = tuple(self.channels)
@@ -288,7 +282,7 @@ class DiffusionModelUNet(nn.Module):
     if self.with_conditioning and context is None:
       raise ValueError("DiffusionModelUNet: with_conditioning=True needs a context "
                        f"(batch, tokens, {self.cross_attention_dim})")
-    kw = dict(dtype=dtype, conv_impl=self.conv_impl)
+    kw = dict(dtype=dtype)
     cfg = (self.norm_num_groups, self.norm_eps, self.resblock_updown,
            self.transformer_num_layers, self.upcast_attention, self.remat)
 
@@ -311,7 +305,7 @@ class DiffusionModelUNet(nn.Module):
         return "none"
       return "cross" if self.with_conditioning else "self"
 
-    h = layers.Conv(ch[0], 3, padding=1, dtype=dtype, impl=self.conv_impl, name="conv_in")(x)
+    h = layers.Conv(ch[0], 3, padding=1, dtype=dtype, name="conv_in")(x)
     skips = [h]
     for level, c in enumerate(ch):
       h, outs = _Level(c, nres[level], attention_kind(level), heads[level],
@@ -335,7 +329,7 @@ class DiffusionModelUNet(nn.Module):
     # 5. out.
     h = layers.GroupNorm(self.norm_num_groups, self.norm_eps, silu=True, dtype=dtype,
                          name="out_0")(h)
-    h = layers.Conv(self.out_channels, 3, padding=1, zero_init=True, dtype=dtype, impl=self.conv_impl,
+    h = layers.Conv(self.out_channels, 3, padding=1, zero_init=True, dtype=dtype,
                     name="out_2")(h)
     return h.astype(jnp.float32)
 

@@ -3,7 +3,7 @@
 //
 // XLA:CPU's own 3D convolution (and the 2D convolutions our exact rewrites use) reaches 20-50 % of
 // the GEMM peak at 16-64 channels; oneDNN's direct convolution kernels reach 90-120 % (see
-// brain_ldm_jax/nn/onednn.py). One handler serves the three passes of a convolution:
+// brain_ldm_jax/cpu/onednn.py). One handler serves the three passes of a convolution:
 //
 //   pass 0 (forward):         a = x  (N, *S, Ci), b = w  (*K, Ci, Co), bias (Co) -> y (N, *S', Co)
 //   pass 1 (input gradient):  a = dy (N, *S', Co), b = w                    -> dx (N, *S, Ci)
@@ -704,7 +704,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnMatmul, Matmul,
 
 // ---- Weight-bound convolutions: the input's tap slices and one sgemm. ----
 //
-// Where the kernel outweighs the input (conv_lowering's `patches`: the paper UNet's 768-channel
+// Where the kernel outweighs the input (the `patches` lowering: the paper UNet's 768-channel
 // levels at batch 1), a convolution is one matrix product with the kernel as stored,
 // (N * output voxels, taps * Ci) @ (taps * Ci, Co): oneDNN's direct convolution would reorder the
 // 64 MB kernel in every pass. The rows (each output voxel's taps, "im2col") are gathered here into

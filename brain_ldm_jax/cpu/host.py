@@ -3,9 +3,9 @@
 XLA:CPU takes every compiled call's temporary buffer and outputs from malloc and frees them when
 the call ends. glibc serves blocks of 32 MB and more (and smaller ones until its adaptive
 threshold has grown) with fresh pages from the kernel and unmaps them on free, so each call of a
-training step page-faults and zeroes its whole working memory again: the 64 MB kernel gradient
-of a 768-channel convolution at 3×4×3 took 25 ms instead of 8 (scripts/benchmark_conv.py,
-p3_768_768). `keep_freed_memory` makes freed blocks stay in the process for the next call.
+training step page-faults and zeroes its whole working memory again (benchmarks/benchmark.md,
+"CPU dispatch thresholds", keep_freed_memory). `keep_freed_memory` makes freed blocks stay in the
+process for the next call.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ def keep_freed_memory() -> bool:
   The process's resident memory then stays at its high-water mark, which is what the next
   training step or sampling call needs again anyway. Set BRAIN_LDM_MALLOC=system to keep glibc's
   defaults. Returns whether the setting is in effect (False off glibc, or opted out). Affects the
-  whole process, every library in it; the entry points (`brain_ldm_jax.main`, the benchmarks)
-  call it, a notebook may.
+  whole process, every library in it; `nn.ops.set_backend` calls it on CPU.
   """
   if os.environ.get(OPT_OUT_ENV, "").lower() == "system":
     return False
