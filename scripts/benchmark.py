@@ -52,17 +52,18 @@ import datetime
 import functools
 import os
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 
+import harness
+
 ALL_CASES = ("unet_demo", "unet_paper", "ddim", "ddim_paper", "dpmpp", "overhead", "ae_step", "ldm_step",
              "msssim", "memory")
 DPM_CANDIDATES = (10, 15, 20, 25)
 PAPER_LATENT = (20, 28, 20)  # 160×224×160 over the paper autoencoder's ×8 downsampling
-_EXTRA = ("remat", "dtype", "conv_impl")
+_EXTRA = ("remat", "dtype")
 
 # Imported in main() once the thread count is set (XLA reads it when it starts).
 jax = jnp = torch = None
@@ -71,46 +72,12 @@ TORCH_DEVICE = "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
-# Threads, timing, cost analysis
+# Timing, cost analysis
 
 
-def set_threads(threads: int) -> int:
-  """Pins this process to `threads` cores before jax starts: XLA:CPU's intra-op pool takes its
-  size from the schedulable CPUs. torch gets the same count in main()."""
-  cpus = sorted(os.sched_getaffinity(0))
-  threads = min(threads or len(cpus), len(cpus))
-  if threads < len(cpus):
-    os.sched_setaffinity(0, cpus[:threads])
-  os.environ["OMP_NUM_THREADS"] = str(threads)  # oneDNN's convolutions (GNU OpenMP)
-  if threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false").strip()
-  return threads
-
-
-class Timings(dict):
-  """{name: median seconds}, with every round's seconds in `rounds` ({name: [seconds]})."""
-
-  def __init__(self, rounds: dict):
-    super().__init__({name: statistics.median(ts) for name, ts in rounds.items()})
-    self.rounds = rounds
-
-
-def interleaved(fns: dict, repeats: int, warmup: bool = True) -> Timings:
-  """Each round calls every candidate once (after one warm-up each), every other round in
-  reverse order, so that a steady drift of the host's speed hits all alike (two rounds:
-  A B B A)."""
-  for fn in fns.values() if warmup else ():
-    fn()
-    torch_sync()
-  times = {name: [] for name in fns}
-  for round_ in range(repeats):
-    for name, fn in (reversed if round_ % 2 else iter)(list(fns.items())):
-      t0 = time.perf_counter()
-      fn()
-      torch_sync()  # our calls block on their results themselves
-      times[name].append(time.perf_counter() - t0)
-  return Timings(times)
+def interleaved(fns: dict, repeats: int, warmup: bool = True) -> harness.Timings:
+  """`harness.interleaved`, waiting for MONAI's queued GPU work after each call."""
+  return harness.interleaved(fns, repeats, warmup=warmup, sync=torch_sync)
 
 
 def torch_sync():
@@ -148,7 +115,7 @@ def xla_flops(compiled, lowered) -> float:
   the cuDNN calls its compiler turns every convolution into, so there the count comes from the
   program before optimisation, where they are still convolution ops.
   """
-  from brain_ldm_jax.nn import onednn  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.cpu import onednn  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return _flops(lowered.cost_analysis())
   return _flops(compiled.cost_analysis()) + onednn.hlo_flops(compiled.as_text())
@@ -225,7 +192,7 @@ class Report:
     self.checks = []  # sampler checks and memory
     self.notes = []
 
-  def compare(self, case, unit_item, times: Timings, flops, note=""):
+  def compare(self, case, unit_item, times: harness.Timings, flops, note=""):
     """A row from `times` ("ours", "monai", "gemm"). Its note gets the range of the rounds'
     own ratios (ours / MONAI in the same round): how far the host's drift moved them."""
     ours_s, monai_s, gemm_s = times["ours"], times["monai"], times["gemm"]
@@ -642,9 +609,10 @@ def case_msssim(report, args, pairs: int = 8):
 
 
 def case_memory(report, args, variants=None):
-  """`variants`: (conv_impl, dtype, remat) triples; default those of the CPU table."""
+  """`variants`: (backend, dtype, remat) triples; default those of the CPU table."""
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
   # auto: this CPU's convolutions (oneDNN); native: the convolution GPU/TPU compile (cuDNN / TPU
   # conv unit on those backends); bfloat16: the compute dtype the paper preset uses on accelerators.
@@ -656,14 +624,14 @@ def case_memory(report, args, variants=None):
     config = presets.base_config("paper")
     config.autoencoder.remat = remat
     config.autoencoder.dtype = dtype
-    config.autoencoder.conv_impl = config.discriminator.conv_impl = impl
     config.train_ae.batch_size = 1
     mesh = sharding_lib.make_mesh(config.mesh)
-    built = ae_stage.build(config, mesh, jax.random.key(0))
-    image = jax.ShapeDtypeStruct((1, *config.data.shape, 1), jnp.float32,
-                                 sharding=sharding_lib.batch_sharding(mesh))
     t0 = time.perf_counter()
-    lowered = built["adversarial_step"].lower(built["abstract"], {"image": image})
+    with ops.backend(impl):
+      built = ae_stage.build(config, mesh, jax.random.key(0))
+      image = jax.ShapeDtypeStruct((1, *config.data.shape, 1), jnp.float32,
+                                   sharding=sharding_lib.batch_sharding(mesh))
+      lowered = built["adversarial_step"].lower(built["abstract"], {"image": image})
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
@@ -705,10 +673,23 @@ def machine_info(threads) -> list[str]:
 
 
 def _allocator() -> str:
-  from brain_ldm_jax import host  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.cpu import host  # pylint: disable=g-import-not-at-top
   if host.keep_freed_memory():
-    return "freed memory kept in the process (`host.keep_freed_memory`)"
+    return "freed memory kept in the process (`cpu.host.keep_freed_memory`)"
   return f"glibc's defaults ({host.OPT_OUT_ENV}=system, or not glibc)"
+
+
+COMPARISON_COLUMNS = [("case", "l"), ("item", "l"), ("ours", "r"), ("MONAI", "r"),
+                      ("ours/MONAI", "r"), ("ours GFLOP/s (% peak)", "r"), ("MONAI GFLOP/s", "r"),
+                      ("notes", "l")]
+CHECK_COLUMNS = [("check", "l"), ("value", "r"), ("target", "l"), ("", "l"), ("notes", "l")]
+
+
+def _comparison_cells(r: dict) -> list[str]:
+  ratio = f"{r['ours'] / r['monai']:.2f}" if r["monai"] else "-"
+  gf = f"{r['gf']:.0f} ({100 * r['gf'] / r['peak']:.0f}%)" if np.isfinite(r["gf"]) else "-"
+  gfm = f"{r['gf_m']:.0f}" if np.isfinite(r["gf_m"]) else "-"
+  return [r["case"], r["item"], fmt_s(r["ours"]), fmt_s(r["monai"]), ratio, gf, gfm, r["note"]]
 
 
 def markdown(report: Report, info: list[str], args, wall_s: float) -> str:
@@ -719,23 +700,14 @@ def markdown(report: Report, info: list[str], args, wall_s: float) -> str:
   if report.rows:
     peaks = [r["peak"] for r in report.rows]
     lines += [f"GEMM peak measured alongside: {min(peaks):.0f}–{max(peaks):.0f} GFLOP/s "
-              f"({GEMM_N}² float32 matmul in jax, default precision).", "",
-              "| case | item | ours | MONAI | ours/MONAI | ours GFLOP/s (% peak) | "
-              "MONAI GFLOP/s | notes |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in report.rows:
-      ratio = f"{r['ours'] / r['monai']:.2f}" if r["monai"] else "-"
-      gf = (f"{r['gf']:.0f} ({100 * r['gf'] / r['peak']:.0f}%)" if np.isfinite(r["gf"])
-            else "-")
-      gfm = f"{r['gf_m']:.0f}" if np.isfinite(r["gf_m"]) else "-"
-      lines.append(f"| {r['case']} | {r['item']} | {fmt_s(r['ours'])} | {fmt_s(r['monai'])} | "
-                   f"{ratio} | {gf} | {gfm} | {r['note']} |")
+              f"({GEMM_N}² float32 matmul in jax, default precision).", ""]
+    lines += harness.markdown_table(COMPARISON_COLUMNS, [_comparison_cells(r) for r in report.rows])
     lines.append("")
   if report.checks:
-    lines += ["| check | value | target | | notes |", "|---|---:|---|---|---|"]
-    for c in report.checks:
-      ok = "" if c["ok"] is None else ("pass" if c["ok"] else "**miss**")
-      lines.append(f"| {c['name']} | {c['value']} | {c['target']} | {ok} | {c['note']} |")
+    rows = [[c["name"], c["value"], c["target"],
+             "" if c["ok"] is None else ("pass" if c["ok"] else "**miss**"), c["note"]]
+            for c in report.checks]
+    lines += harness.markdown_table(CHECK_COLUMNS, rows)
     lines.append("")
   lines += ["Notes:", "",
             "- ratio < 1: ours is faster. GFLOP/s = XLA cost-analysis flops of the compiled "
@@ -778,15 +750,15 @@ def main():
   if unknown:
     parser.error(f"unknown cases {unknown}; choose from {', '.join(ALL_CASES)}")
 
-  threads = set_threads(args.threads)
+  threads = harness.set_threads(args.threads)
   global jax, jnp, torch
   import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   torch.set_num_threads(threads)
-  from brain_ldm_jax import host  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
-  host.keep_freed_memory()  # for MONAI's calls too: one process, one allocator
+  from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top
+  ops.set_backend()  # its allocator setting serves MONAI's calls too: one process, one allocator
 
   start = time.perf_counter()
   info = machine_info(threads)

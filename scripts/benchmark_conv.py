@@ -1,9 +1,10 @@
-r"""Benchmark the conv lowerings of brain_ldm_jax.nn.conv_lowering against native XLA and PyTorch.
+r"""Benchmark the CPU conv lowerings (brain_ldm_jax.cpu) against native XLA and PyTorch.
 
 For every shape the network uses, prints forward and forward+backward (grads w.r.t. input and
 kernel) times of each lowering, PyTorch's conv3d with the same thread count, achieved GFLOP/s and
 the fraction of the GEMM peak measured in the same run. Candidates are timed interleaved in one
-process (round-robin, median of the repeats) because other jobs share the cores.
+process (`harness.interleaved`: round-robin, median of the repeats) because other jobs share the
+cores. Each lowering is chosen through the one route, `ops.backend`.
 
   python scripts/benchmark_conv.py                       # all shapes
   python scripts/benchmark_conv.py --shapes lat20 --repeats 7 --impls native,depth_fold
@@ -13,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brain_ldm_jax import host
-from brain_ldm_jax.nn import conv_lowering
-from brain_ldm_jax.nn import onednn
+import harness
+from brain_ldm_jax.cpu import dispatch
+from brain_ldm_jax.cpu import ffi
+from brain_ldm_jax.cpu import host
+from brain_ldm_jax.nn import ops
 
 # name: (batch, spatial, cin, cout, kernel, stride, padding per axis)
 SHAPES = {
@@ -63,17 +64,6 @@ SHAPES = {
 }
 
 
-def _median_times(fns, repeats):
-  """Round-robin timing: each repeat runs every candidate once, so load spikes hit all alike."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 GEMM_N = 1536
 
 
@@ -88,14 +78,17 @@ def _gemm_fn():
 def _jax_fns(shape, impl):
   b, spatial, cin, cout, k, s, pad = shape
   nd = len(spatial)
-  kw = dict(strides=(s,) * nd, padding=(pad,) * nd, impl=impl)
-  fwd = jax.jit(lambda x, w: conv_lowering.conv(x, w, **kw))
+  kw = dict(strides=(s,) * nd, padding=(pad,) * nd)
+
+  def fwd(x, w):
+    with ops.backend(impl):
+      return ops.conv(x, w, **kw)
 
   def fwd_bwd(x, w, ct):
-    y, vjp = jax.vjp(lambda x, w: conv_lowering.conv(x, w, **kw), x, w)
+    y, vjp = jax.vjp(fwd, x, w)
     return y, *vjp(ct)
 
-  return fwd, jax.jit(fwd_bwd)
+  return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
 def _torch_fns(shape, threads):
@@ -158,7 +151,11 @@ def benchmark_shape(shape, impls, repeats, threads, with_torch):
     tf, tfb = _torch_fns(shape, threads)
     tf(), tfb()
     fns[("torch", "fwd")], fns[("torch", "fwd_bwd")] = tf, tfb
-  return _median_times(fns, repeats)
+  return harness.interleaved(fns, repeats)
+
+
+COLUMNS = [("impl", "l"), ("fwd ms", "r"), ("GF/s", "r"), ("%peak", "r"), ("x native", "r"),
+           ("fwd+bwd ms", "r"), ("GF/s", "r"), ("%peak", "r"), ("x native", "r")]
 
 
 def shape_flops(shape):
@@ -177,10 +174,11 @@ def main():
 
   # XLA:CPU's intra-op pool has one thread per core; torch gets the same.
   threads = os.cpu_count()
+  ops.set_backend()
   kept = host.keep_freed_memory()
   print(f"backend={jax.default_backend()} threads={threads} jax {jax.__version__}; median of "
         f"{args.repeats}, round-robin; %peak = achieved / {GEMM_N}^3 jax GEMM timed alongside; "
-        f"fwd+bwd FLOPs = 3x fwd (y, dx, dw); freed memory kept (host.keep_freed_memory): {kept}")
+        f"fwd+bwd FLOPs = 3x fwd (y, dx, dw); freed memory kept (cpu.host): {kept}")
   wanted = [n for n in SHAPES if not args.shapes or any(p in n for p in args.shapes.split(","))]
   for name in wanted:
     shape = SHAPES[name]
@@ -189,21 +187,21 @@ def main():
     flops = shape_flops(shape)
     times = benchmark_shape(shape, impls, args.repeats, threads, not args.no_torch)
     peak = 2 * GEMM_N**3 / times[("gemm", "fwd")] / 1e9
-    auto = conv_lowering.choose_impl((b, *spatial, cin), (*(k,) * len(spatial), cin, cout),
-                                     (s,) * len(spatial), "cpu", onednn=onednn.available())
+    auto = dispatch.choose_impl((b, *spatial, cin), (*(k,) * len(spatial), cin, cout),
+                                (s,) * len(spatial), "cpu", onednn=ffi.available())
     print(f"\n{name}: B={b} {'x'.join(map(str, spatial))} {cin}->{cout} k={k} s={s} pad={pad}  "
           f"{flops / 1e9:.2f} GFLOP fwd; GEMM {peak:.0f} GFLOP/s; auto={auto}")
-    print(f"  {'impl':<11}{'fwd ms':>9}{'GF/s':>7}{'%peak':>7}{'xnative':>9}"
-          f"{'fwd+bwd ms':>12}{'GF/s':>7}{'%peak':>7}{'xnative':>9}")
+    rows = []
     for cand in [*impls, *(["torch"] if not args.no_torch else [])]:
-      row = f"  {cand:<11}"
-      for kind, mult, width in (("fwd", 1, 9), ("fwd_bwd", 3, 12)):
+      row = [cand]
+      for kind, mult in (("fwd", 1), ("fwd_bwd", 3)):
         t = times[(cand, kind)]
         gfs = mult * flops / t / 1e9
         ref = times.get(("native", kind))
-        speed = f"{ref / t:.2f}" if ref else "-"
-        row += f"{t * 1e3:{width}.1f}{gfs:7.0f}{100 * gfs / peak:6.0f}%{speed:>9}"
-      print(row, flush=True)
+        row += [f"{t * 1e3:.1f}", f"{gfs:.0f}", f"{100 * gfs / peak:.0f}%",
+                f"{ref / t:.2f}" if ref else "-"]
+      rows.append(row)
+    print("\n".join(harness.markdown_table(COLUMNS, rows)), flush=True)
 
 
 if __name__ == "__main__":

@@ -145,12 +145,12 @@ def count_flops(args) -> dict[str, float]:
   from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import nn as bnn  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.nn import unet as unet_lib  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import ldm as ldm_stage  # pylint: disable=g-import-not-at-top
+  ops.set_backend("native")  # this process only counts
   config = paper_config(args.smoke)
-  for section in (config.unet, config.autoencoder, config.discriminator):
-    section.conv_impl = "native"
   flops = lambda lowered: float(lowered.cost_analysis()["flops"])
   spec = lambda shape, sharding=None: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
   zshape, n_cov = networks.latent_shape(config), len(config.data.covariates)
@@ -238,6 +238,7 @@ def main():
   bench.jax, bench.jnp, bench.torch = jax, jnp, torch
   bench.TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
   bench.GEMM_N = args.gemm_n
+  from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top
   if args.count_flops:
     flops = count_flops(args)
     if args.json:
@@ -248,6 +249,7 @@ def main():
         print(f"  {case:10s} {count / 1e12:8.2f}")
     return None
 
+  ops.set_backend()
   start = time.perf_counter()
   info = bench.machine_info(torch.get_num_threads())
   gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

@@ -9,23 +9,18 @@ renormalised: 2 scales at 40x56x40, 4 at 160x224x160 (MONAI's own size check agr
 """
 
 import argparse
-import time
 
 import jax
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric
 
+import harness
 from brain_ldm_jax.metrics import ssim as S
+from brain_ldm_jax.nn import ops
 
-
-def _time(fn, repeats):
-  fn()  # warm-up (compilation for JAX)
-  t = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  return (time.perf_counter() - t) / repeats
-
+COLUMNS = [("size", "l"), ("scales", "r"), ("pairs", "r"), ("ours pairs/s", "r"),
+           ("MONAI pairs/s", "r"), ("ratio", "r"), ("max |diff|", "r")]
 
 def bench(shape, pairs, batch, repeats):
   rng = np.random.default_rng(0)
@@ -50,8 +45,8 @@ def bench(shape, pairs, batch, repeats):
   a = np.asarray(S.ms_ssim(x[:b], y[:b], spatial_dims=3, weights=weights))
   with torch.no_grad():
     m = metric(tx[:b], ty[:b]).numpy().reshape(-1)
-  t_ours, t_monai = _time(ours, repeats), _time(theirs, repeats)
-  return len(weights), pairs / t_ours, pairs / t_monai, float(np.abs(a - m).max())
+  t = harness.interleaved({"ours": ours, "monai": theirs}, repeats)
+  return len(weights), pairs / t["ours"], pairs / t["monai"], float(np.abs(a - m).max())
 
 
 def main():
@@ -61,14 +56,15 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=2)
   args = p.parse_args()
+  ops.set_backend()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
-  print(f"{'size':>14} {'scales':>6} {'pairs':>5} {'ours pairs/s':>13} {'MONAI pairs/s':>14} "
-        f"{'ratio':>7} {'max |diff|':>10}")
+  rows = []
   for shape, pairs in (((40, 56, 40), args.pairs_small), ((160, 224, 160), args.pairs_large)):
     n, ours, monai, diff = bench(shape, pairs, args.batch, args.repeats)
-    print(f"{'x'.join(map(str, shape)):>14} {n:>6} {pairs:>5} {ours:>13.2f} {monai:>14.2f} "
-          f"{ours / monai:>6.1f}x {diff:>10.1e}")
+    rows.append(["x".join(map(str, shape)), n, pairs, f"{ours:.2f}", f"{monai:.2f}",
+                 f"{ours / monai:.1f}x", f"{diff:.1e}"])
+  print("\n".join(harness.markdown_table(COLUMNS, rows)))
 
 
 if __name__ == "__main__":

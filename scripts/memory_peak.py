@@ -151,7 +151,7 @@ def load_run_bytes() -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--shape", default="160,224,160", help="image shape (default: the paper's)")
-  parser.add_argument("--conv_impl", default="auto")
+  parser.add_argument("--conv_impl", default="auto", help="the backend (nn.ops.BACKENDS)")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--no_remat", action="store_true")
   parser.add_argument("--top", type=int, default=12, help="buffers to list at the peak")
@@ -172,13 +172,14 @@ def main(argv=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import presets  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax.train import autoencoder as ae_stage  # pylint: disable=g-import-not-at-top
 
+  ops.set_backend(args.conv_impl)
   config = presets.base_config("paper")
   config.data.shape = tuple(int(s) for s in args.shape.split(","))
   config.autoencoder.remat = not args.no_remat
   config.autoencoder.dtype = args.dtype
-  config.autoencoder.conv_impl = config.discriminator.conv_impl = args.conv_impl
   config.train_ae.batch_size = 1
   mesh = sharding_lib.make_mesh(config.mesh)
   built = ae_stage.build(config, mesh, jax.random.key(0))
