@@ -3,9 +3,8 @@
 Rules they follow (Cleveland & McGill; Borland & Taylor):
 - Brain images are grayscale, and images that are compared share ONE intensity window
   (`common_window`), so that a brighter sample looks brighter rather than being renormalised.
-- Quantities are compared by position on a common scale (dot plots, scatter plots with an
-  identity line), never by bar length, area or hue.
-- Where colour is used at all it comes from a perceptually uniform map (viridis / cividis).
+- Quantities are compared by position on a common scale, never by bar length, area or hue
+  (the charts are in charts.py).
 - Every file is written atomically (temp file in the same folder, then rename), so a report never
   links a half-written image.
 
@@ -18,18 +17,17 @@ matplotlib is imported inside the functions (Agg backend), so importing this mod
 
 from __future__ import annotations
 
-import math
+import io
 import os
-import secrets
 import struct
 import zlib
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from brain_ldm_jax import files
 from brain_ldm_jax.errors import ConfigError, DataError
 
-PERCEPTUAL_CMAPS = ("viridis", "cividis", "gray")
 DEFAULT_PERCENTILES = (0.5, 99.5)
 _MAX_VOXELS_PER_SET = 2_000_000  # enough for stable percentiles; bounds memory and time
 
@@ -113,6 +111,7 @@ def apply_window(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   """Bilinear resample of a 2D image to exactly `shape` (corner-aligned); float32."""
+  # scipy on first use only: slow to import, and most figures never resize.
   from scipy import ndimage  # pylint: disable=import-outside-toplevel
   image = np.asarray(image, np.float32)
   rows = np.linspace(0.0, image.shape[0] - 1.0, int(shape[0]))
@@ -259,7 +258,7 @@ def save_montage_png(volumes: Sequence[np.ndarray],
     window = common_window(volumes)
   gap = 2
   image = montage_array(volumes, window, position, spacing, gap=gap)
-  plt = _pyplot()
+  plt = pyplot()
   dpi = 100.0
   title_px = 18 if titles else 0
   sup_px = 22 if suptitle else 0
@@ -281,7 +280,7 @@ def save_montage_png(volumes: Sequence[np.ndarray],
         x += cw + gap
     if suptitle:
       fig.suptitle(suptitle, fontsize=9, y=1.0 - 2 / dpi / fig_h, va="top")
-    _atomic_savefig(fig, path, dpi=dpi)
+    save_figure(fig, path, dpi=dpi)
   finally:
     plt.close(fig)
   return window
@@ -328,7 +327,7 @@ def save_rows_png(volumes: Sequence[np.ndarray],
     window = common_window(volumes)
   gap = 2
   image = rows_array(volumes, window, spacing=spacing, gap=gap)
-  plt = _pyplot()
+  plt = pyplot()
   dpi, label_px = 100.0, 90
   sup_px = 10 + 12 * len(suptitle.splitlines()) if suptitle else 0
   h, w = image.shape
@@ -347,128 +346,10 @@ def save_rows_png(volumes: Sequence[np.ndarray],
       y += rh + gap
     if suptitle:
       fig.suptitle(suptitle, fontsize=9, y=1.0 - 2 / dpi / fig_h, va="top")
-    _atomic_savefig(fig, path, dpi=dpi)
+    save_figure(fig, path, dpi=dpi)
   finally:
     plt.close(fig)
   return window
-
-
-# ----------------------------------------------------------------------------- charts
-
-
-def scatter_requested_vs_measured(requested: Sequence[float],
-                                  measured: Sequence[float],
-                                  path: str | os.PathLike,
-                                  quantity: str,
-                                  unit: str,
-                                  title: str | None = None) -> float:
-  """Measured vs requested on one common scale with the identity line; returns Pearson r.
-
-  Both axes share limits and aspect so distance from the diagonal reads directly as error.
-  r is NaN (and the title says 'r undefined') with fewer than two points or no variance.
-  """
-  x = np.asarray(requested, np.float64).reshape(-1)
-  y = np.asarray(measured, np.float64).reshape(-1)
-  if x.size != y.size:
-    raise DataError(f"requested has {x.size} values, measured has {y.size}")
-  r = pearson_r(x, y)
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
-  try:
-    finite = np.concatenate([x, y])
-    finite = finite[np.isfinite(finite)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    pad = 0.05 * (hi - lo) if hi > lo else 1.0
-    lo, hi = lo - pad, hi + pad
-    ax.plot([lo, hi], [lo, hi], color="0.6", linewidth=1, linestyle="--", label="identity",
-            zorder=1)
-    ax.scatter(x, y, s=18, color=_cmap_colors(1, "cividis")[0], alpha=0.85, zorder=2,
-               edgecolors="none")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    ax.set_aspect("equal")
-    ax.set_xlabel(f"requested {quantity} ({unit})")
-    ax.set_ylabel(f"measured {quantity} ({unit})")
-    r_text = f"r = {r:.3f}" if math.isfinite(r) else "r undefined"
-    ax.set_title(f"{title + ': ' if title else ''}{quantity}, {r_text} (n = {x.size})",
-                 fontsize=9)
-    ax.grid(True, color="0.92", linewidth=0.6)
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
-    fig.tight_layout()
-    _atomic_savefig(fig, path)
-  finally:
-    plt.close(fig)
-  return r
-
-
-def dot_plot(values_by_group: Mapping[str, Sequence[float] | float],
-             path: str | os.PathLike,
-             quantity: str = "value",
-             unit: str = "",
-             title: str | None = None,
-             reference: float | None = None,
-             show_mean: bool = True) -> None:
-  """Cleveland dot plot: one row per group, values as positions on one shared horizontal scale.
-
-  Individual values are small open circles; the group mean is a filled dot. `reference` (e.g. a
-  chance level or the real data's value) is drawn as a vertical line.
-  """
-  if not values_by_group:
-    raise DataError("dot_plot: no groups given")
-  groups = list(values_by_group)
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5.0, 0.9 + 0.35 * len(groups)), dpi=120)
-  try:
-    color = _cmap_colors(1, "viridis")[0]
-    for row, group in enumerate(groups):
-      vals = np.atleast_1d(np.asarray(values_by_group[group], np.float64))
-      y = len(groups) - 1 - row  # first group on top, as in a table
-      ax.axhline(y, color="0.92", linewidth=0.6, zorder=0)
-      if vals.size > 1:
-        ax.scatter(vals, np.full(vals.shape, y), s=16, facecolors="none", edgecolors=color,
-                   linewidths=0.8, zorder=2)
-      if show_mean or vals.size == 1:
-        ax.scatter([np.nanmean(vals)], [y], s=36, color=color, zorder=3)
-    if reference is not None:
-      ax.axvline(float(reference), color="0.5", linestyle="--", linewidth=1, zorder=1)
-    ax.set_yticks(range(len(groups)))
-    ax.set_yticklabels(list(reversed(groups)))
-    ax.set_ylim(-0.6, len(groups) - 0.4)
-    ax.set_xlabel(f"{quantity} ({unit})" if unit else quantity)
-    if title:
-      ax.set_title(title, fontsize=9)
-    for side in ("top", "right", "left"):
-      ax.spines[side].set_visible(False)
-    ax.tick_params(axis="y", length=0)
-    fig.tight_layout()
-    _atomic_savefig(fig, path)
-  finally:
-    plt.close(fig)
-
-
-def pearson_r(x: np.ndarray, y: np.ndarray) -> float:
-  """Pearson correlation over pairs where both are finite; NaN when undefined."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  ok = np.isfinite(x) & np.isfinite(y)
-  x, y = x[ok], y[ok]
-  if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
-    return float("nan")
-  return float(np.corrcoef(x, y)[0, 1])
-
-
-def perceptual_colors(n: int, name: str = "viridis") -> list[tuple[float, float, float, float]]:
-  """`n` RGBA colours evenly spaced along a perceptually uniform colormap (viridis / cividis)."""
-  if name not in ("viridis", "cividis"):
-    raise ConfigError(f"colormap {name!r}: use 'viridis' or 'cividis' (perceptually uniform)")
-  return _cmap_colors(n, name)
-
-
-def _cmap_colors(n: int, name: str) -> list[tuple[float, float, float, float]]:
-  from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
-  cmap = colormaps[name]
-  # Stay off the lightest end, which vanishes on a white background.
-  points = [0.15] if n == 1 else np.linspace(0.0, 0.85, n)
-  return [tuple(float(c) for c in cmap(p)) for p in points]
 
 
 # ----------------------------------------------------------------------------- files
@@ -497,38 +378,21 @@ def encode_png(image: np.ndarray, compress: bool = True) -> bytes:
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
   """Write a uint8 grayscale image (e.g. `montage_array`) as a metadata-free PNG, atomically."""
-  atomic_write_bytes(path, encode_png(image))
+  files.write_bytes_atomic(path, encode_png(image))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Write `data` to a temp file beside `path`, then rename it over `path`."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-  # os.open with 0o666 (not mkstemp's 0o600) so the file gets the usual umask permissions.
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _atomic_savefig(fig, path: str | os.PathLike, dpi: float | None = None) -> None:
-  import io  # pylint: disable=import-outside-toplevel
+def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> None:
+  """A matplotlib figure written atomically, with no version stamp (same plot, same bytes)."""
   buf = io.BytesIO()
   fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
   # metadata Software=None: no matplotlib version stamp in the file.
   metadata = {"Software": None} if fmt == "png" else None
   fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata)
-  atomic_write_bytes(path, buf.getvalue())
+  files.write_bytes_atomic(path, buf.getvalue())
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend, imported on first use (it is slow)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

@@ -21,6 +21,7 @@ from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
 from brain_ldm_jax.errors import ConfigError, DataError
+from brain_ldm_jax.jobs import counterfactual as counterfactual_job
 from configs import counterfactual as counterfactual_config
 from configs import ldm as ldm_config
 from random_weights import random_params
@@ -129,7 +130,7 @@ def test_job_writes_nifti_figures_and_tables(tiny, tmp_path):
   targets = tmp_path / "targets.tsv"
   targets.write_text("participant_id\tventricular_volume\n"
                      + "".join(f"{s.participant_id}\t{middle}\n" for s in val))
-  summary = counterfactual.run_counterfactual_job(
+  summary = counterfactual_job.run_counterfactual_job(
       _job_config(run_dir, targets_tsv=str(targets)), str(tmp_path))
   out = tmp_path / "counterfactual"
   with open(out / "changes.tsv", newline="") as f:
@@ -166,7 +167,7 @@ def test_job_writes_nifti_figures_and_tables(tiny, tmp_path):
 def test_job_refuses_targets_out_of_range_and_images_off_the_grid(tiny, tmp_path):
   run_dir, run = tiny
   with pytest.raises(DataError, match=r"target age=[\d.]+ is outside the run's training range"):
-    counterfactual.run_counterfactual_job(_job_config(run_dir, change="age=+500"),
+    counterfactual_job.run_counterfactual_job(_job_config(run_dir, change="age=+500"),
                                           str(tmp_path))
   subject = manifest.load_cohort(run.config.data)[0]
   img = nib.load(subject.image_path)
@@ -181,7 +182,7 @@ def test_job_refuses_targets_out_of_range_and_images_off_the_grid(tiny, tmp_path
       "participant_id\t" + "\t".join(names) + "\nsub-moved\t"
       + "\t".join(f"{subject.covariates[k]:g}" for k in names) + "\n")
   with pytest.raises(DataError, match="sub-moved_T1w.nii.gz"):
-    counterfactual.run_counterfactual_job(
+    counterfactual_job.run_counterfactual_job(
         _job_config(run_dir, cohort=str(bids), change=f"age={run.stats.minimum[0]}"), str(tmp_path))
 
 

@@ -12,6 +12,7 @@ from brain_ldm_jax import evaluate
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
 from brain_ldm_jax.data import synthetic
+from brain_ldm_jax.jobs import evaluate as evaluate_job
 from configs import evaluate as evaluate_config
 from configs import ldm as ldm_config
 from random_weights import random_params
@@ -36,7 +37,7 @@ def report(tmp_path_factory):
   e.evaluate.num_steps = 2
   e.evaluate.fid_extractor = "autoencoder_latent"
   workdir = str(root / "eval")
-  result = evaluate.run_evaluate_job(e, workdir)
+  result = evaluate_job.run_evaluate_job(e, workdir)
   return result, os.path.join(workdir, "evaluation")
 
 
@@ -44,7 +45,7 @@ def test_report_has_every_section(report):
   result, out_dir = report
   with open(os.path.join(out_dir, "report.json")) as f:
     saved = json.load(f)
-  for section in evaluate.SECTIONS:
+  for section in evaluate_job.SECTIONS:
     assert section in saved, section
   assert saved["samples"]["num_generated"] == 4
   for s in ("generated", "real"):

@@ -1,4 +1,4 @@
-"""figures.py: valid PNGs, one shared window, position-on-a-common-scale charts."""
+"""figures.py and charts.py: valid PNGs, one shared window, position-on-a-common-scale charts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+from brain_ldm_jax import charts
 from brain_ldm_jax import figures
 from brain_ldm_jax.errors import ConfigError, DataError
 
@@ -89,13 +90,13 @@ def test_montage_png_and_charts_are_valid_pngs(tmp_path):
   with pytest.raises(ConfigError, match="titles"):
     figures.save_montage_png(vols, tmp_path / "x.png", titles=["only one"])
 
-  r = figures.scatter_requested_vs_measured([1, 2, 3, 4], [1.1, 2.2, 2.9, 4.2],
+  r = charts.scatter_requested_vs_measured([1, 2, 3, 4], [1.1, 2.2, 2.9, 4.2],
                                             tmp_path / "scatter.png", "age", "years")
   assert 0.9 < r <= 1.0
   _read_png(tmp_path / "scatter.png")
-  assert np.isnan(figures.scatter_requested_vs_measured([1], [1], tmp_path / "one.png", "age",
+  assert np.isnan(charts.scatter_requested_vs_measured([1], [1], tmp_path / "one.png", "age",
                                                         "years"))
-  figures.dot_plot({"real": [0.8, 0.82, 0.79], "synthetic": [0.7, 0.75], "paper": 0.77},
+  charts.dot_plot({"real": [0.8, 0.82, 0.79], "synthetic": [0.7, 0.75], "paper": 0.77},
                    tmp_path / "dots.png", quantity="MS-SSIM", reference=0.5)
   _read_png(tmp_path / "dots.png")
   # Atomic writes leave no temp files behind.
@@ -119,6 +120,6 @@ def test_encode_png_round_trip_and_size_independent_of_content(tmp_path):
 
 
 def test_perceptual_colors_only_uniform_maps():
-  assert len(figures.perceptual_colors(4, "cividis")) == 4
+  assert len(charts.perceptual_colors(4, "cividis")) == 4
   with pytest.raises(ConfigError, match="perceptually uniform"):
-    figures.perceptual_colors(3, "jet")
+    charts.perceptual_colors(3, "jet")

@@ -28,6 +28,7 @@ import os
 import sys
 from typing import Iterable, Mapping, Sequence
 
+from brain_ldm_jax import files
 from brain_ldm_jax.errors import DataError, UserError
 
 ANSWERS_FORMAT = "brain_ldm_jax.reader_study.answers/1"
@@ -262,8 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.key)), "scores.json")
-  from brain_ldm_jax import figures  # pylint: disable=import-outside-toplevel
-  figures.atomic_write_bytes(out, json.dumps(_json_safe(result), indent=1).encode("utf-8"))
+  files.write_text_atomic(out, json.dumps(_json_safe(result), indent=1))
   print(format_table(result))
   print(f"\nwrote {out}")
   return 0
