@@ -1,15 +1,15 @@
 """Every field of the shared config sections, checked once when a job starts.
 
-`main` calls `derive_network_sizes` and then `check_config` on the parsed config before any data,
-device or compile work, so a mistake ends as one `ConfigError` line that names the field, its value
-and what is allowed, not as a shape error inside a network minutes later. The job-specific sections
+`main` calls `check_config` on the parsed config before any data, device or compile work, so a
+mistake ends as one `ConfigError` line that names the field, its value and what is allowed, not
+as a shape error inside a network minutes later. The job-specific sections
 (`generate`, `evaluate`, `reader_study`, `cohort`) are checked by their jobs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from brain_ldm_jax import presets
@@ -113,28 +113,6 @@ def _network_common(config, section: str) -> None:
   _number_in(config, f"{section}.norm_eps", 0.0, 1.0, open_low=True, open_high=True)
 
 
-def derived_network_sizes(config) -> dict[str, int]:
-  """The UNet sizes that follow from the covariates and the autoencoder's latent."""
-  n = len(config.data.covariates)
-  latent = config.autoencoder.latent_channels
-  return {"unet.in_channels": latent + n,  # the latent plus one broadcast channel per covariate
-          "unet.out_channels": latent,
-          "unet.cross_attention_dim": n}  # the covariates as one context token
-
-
-def derive_network_sizes(config, explicit: Collection[str] = ()) -> None:
-  """Sets the UNet's input sizes from `data.covariates` and `autoencoder.latent_channels`.
-
-  `explicit`: the fields the user set on the command line; one of those that disagrees with the
-  derived size is an error rather than silently replaced.
-  """
-  for field, size in derived_network_sizes(config).items():
-    if field in explicit:
-      continue  # check_config names it if it disagrees
-    section, name = field.split(".")
-    config[section][name] = size
-
-
 def check_run(config) -> None:
   _one_of(config, "preset", presets.PRESETS)
   _int_at_least(config, "seed", 0)
@@ -209,7 +187,9 @@ def check_unet(config) -> None:
   _int_at_least(config, "unet.transformer_num_layers", 1)
   _is_bool(config, "unet.resblock_updown")
   _is_bool(config, "unet.upcast_attention")
-  for field, size in derived_network_sizes(config).items():
+  # The presets derive these; a value here that differs was set by hand.
+  sizes = presets.network_sizes(config.data.covariates, config.autoencoder.latent_channels)
+  for field, size in sizes.items():
     value = _get(config, field)
     if value != size:
       fail(field, value, f"{size}, which follows from data.covariates "
@@ -266,7 +246,7 @@ def check_sampling(config) -> None:
       fail(f"sampling.{field}", s[field], "a number")
   check_sampling_options(dict(sampler=s.sampler, num_steps=s.num_steps, eta=float(s.eta),
                               guidance_scale=float(s.guidance_scale)), config)
-  _one_of(config, "sampling.timestep_spacing", ("",) + samplers.TIMESTEP_SPACINGS)
+  _one_of(config, "sampling.timestep_spacing", (None,) + samplers.TIMESTEP_SPACINGS)
   _int_at_least(config, "sampling.num_samples", 0)
   _int_at_least(config, "sampling.seed", 0)
   if "sweep_covariates" in s:  # runs from before sweeps and the summary had neither field

@@ -81,10 +81,8 @@ def _exit_with(error: UserError):
 
 
 def resolved_config():
-  """The parsed config with its derived sizes set and every shared field checked."""
+  """The parsed config (sizes derived by the presets) with every shared field checked."""
   config = _CONFIG.value
-  explicit = config_flags.get_override_values(flags.FLAGS["config"])
-  config_checks.derive_network_sizes(config, explicit)
   config_checks.check_config(config)
   return config
 

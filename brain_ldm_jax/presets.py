@@ -7,20 +7,28 @@ section maps one-to-one onto the MONAI constructor and onto our Flax module.
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
+from ml_collections import config_dict
 
 from brain_ldm_jax.errors import ConfigError
 
 PRESETS = ("demo", "paper", "test")
 COVARIATES = ("age", "sex", "ventricular_volume", "brain_volume")
+# "Not given" is spelled one way in every config: `config_dict.placeholder(TYPE)`, None until set.
+# The field keeps its type, so ml_collections parses `--config.a.b=VALUE` as that type (a bare
+# None field cannot be overridden from the command line at all); None is never a real value, as
+# "" or 0 can be; config.json shows it as null. Code reads such a field as `value or default`.
 
 
 def _data(preset: str) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  # Empty data_dir: the job makes (or reuses) the synthetic cohort in <workdir>/cohort.
-  d.data_dir = ""
-  d.participants_tsv = ""  # default: <data_dir>/participants.tsv
-  d.image_column = ""  # optional column with image paths; default: BIDS sub-*/anat/*_T1w.nii*
+  # Unset data_dir: the job makes (or reuses) the synthetic cohort in <workdir>/cohort.
+  d.data_dir = config_dict.placeholder(str)
+  d.participants_tsv = config_dict.placeholder(str)  # default: <data_dir>/participants.tsv
+  # A column with image paths; default: BIDS sub-*/anat/*_T1w.nii*
+  d.image_column = config_dict.placeholder(str)
   d.covariates = COVARIATES
   d.shape = {"paper": (160, 224, 160), "demo": (40, 56, 40), "test": (32, 32, 32)}[preset]
   d.spacing = {"paper": 1.0, "demo": 4.0, "test": 4.0}[preset]
@@ -71,8 +79,11 @@ def _discriminator(preset: str) -> ml_collections.ConfigDict:
 def _unet(preset: str) -> ml_collections.ConfigDict:
   u = ml_collections.ConfigDict()
   u.spatial_dims = 3
-  u.in_channels = 3 + len(COVARIATES)  # latent + covariates broadcast as channels
-  u.out_channels = 3
+  # The latent plus one broadcast channel per covariate; like out_channels and
+  # cross_attention_dim a function of data.covariates and autoencoder.latent_channels, which
+  # base_config sets (network_sizes).
+  u.in_channels = config_dict.placeholder(int)
+  u.out_channels = config_dict.placeholder(int)
   # The demo's latent is 10x14x10 (x4 downsampling): two levels, attention on 5x7x5.
   u.channels = {"paper": (256, 512, 768), "demo": (32, 64), "test": (8, 16, 16)}[preset]
   u.num_res_blocks = {"paper": 2, "demo": 2, "test": 1}[preset]
@@ -84,8 +95,8 @@ def _unet(preset: str) -> ml_collections.ConfigDict:
   u.resblock_updown = True
   u.with_conditioning = True
   u.transformer_num_layers = 1
-  u.cross_attention_dim = len(COVARIATES)
-  u.num_class_embeds = ml_collections.FieldReference(None, field_type=int)
+  u.cross_attention_dim = config_dict.placeholder(int)  # the covariates as one context token
+  u.num_class_embeds = config_dict.placeholder(int)  # unset: no class embedding (MONAI's None)
   u.upcast_attention = True
   u.remat = preset == "paper"
   u.dtype = "float32"
@@ -108,9 +119,9 @@ def _sampling(preset: str) -> ml_collections.ConfigDict:
   s.sampler = "ddim"  # ddpm | ddim | dpmpp_2m
   s.num_steps = {"paper": 50, "demo": 50, "test": 5}[preset]
   s.eta = 0.0
-  # "": each sampler's own default: leading for DDIM (MONAI GenerativeModels, which made the
+  # Unset: each sampler's own default: leading for DDIM (MONAI GenerativeModels, which made the
   # paper's model), linspace for DDPM, quadratic for DPM-Solver++.
-  s.timestep_spacing = ""
+  s.timestep_spacing = config_dict.placeholder(str)
   s.guidance_scale = 1.0  # 1.0: no classifier-free guidance, one network call per step
   s.num_samples = {"paper": 4, "demo": 4, "test": 2}[preset]
   s.seed = 0
@@ -140,7 +151,8 @@ def _train_ae(preset: str) -> ml_collections.ConfigDict:
   # The demo is too short for a warm-up to matter; starting at 0 saves compiling a second step.
   t.adv_start_step = {"paper": 10_000, "demo": 0, "test": 2}[preset]
   t.perceptual_weight = 1e-3
-  t.perceptual_weights_path = ""  # pretrained feature network; empty: no perceptual loss
+  # The pretrained feature network; unset: no perceptual loss.
+  t.perceptual_weights_path = config_dict.placeholder(str)
   t.log_every = {"paper": 100, "demo": 50, "test": 1}[preset]
   t.image_every = {"paper": 5000, "demo": 150, "test": 4}[preset]
   t.checkpoint_every = {"paper": 5000, "demo": 150, "test": 2}[preset]
@@ -195,7 +207,35 @@ def base_config(preset: str | None) -> ml_collections.ConfigDict:
   c.train_ae = _train_ae(preset)
   c.train_ldm = _train_ldm(preset)
   c.mesh = _mesh()
+  _derive_network_sizes(c)
   return c
+
+
+def network_sizes(covariates, latent_channels: int) -> dict[str, int]:
+  """The UNet sizes that follow from the covariates and the autoencoder's latent channels."""
+  n = len(covariates)
+  return {"unet.in_channels": latent_channels + n,  # the latent + one channel per covariate
+          "unet.out_channels": latent_channels,
+          "unet.cross_attention_dim": n}  # the covariates as one context token
+
+
+def _network_size(field: str, _unused, covariates, latent_channels: int) -> int:
+  return network_sizes(covariates, latent_channels)[field]
+
+
+def _derive_network_sizes(c: ml_collections.ConfigDict) -> None:
+  """Makes the UNet's covariate-dependent sizes lazy functions of data.covariates and
+  autoencoder.latent_channels, so any config with other covariates (an override, a test, a
+  script) gets matching networks without touching the unet section. A size the user sets
+  replaces its function; config_checks then requires it to agree."""
+  inputs = [c.data.get_ref("covariates"), c.autoencoder.get_ref("latent_channels")]
+  for field in network_sizes(COVARIATES, 0):
+    # ml_collections' own lazy computation (what `ref + 1` builds), here of two fields at once,
+    # which its operators cannot express. A module-level function keeps the config picklable.
+    size = functools.partial(_network_size, field)
+    op = config_dict.config_dict._Op(size, inputs)  # pylint: disable=protected-access
+    section, name = field.split(".")
+    c[section][name] = config_dict.FieldReference(0, field_type=int, op=op)
 
 
 def parse_preset(arg: str | None, default: str = "demo") -> str:

@@ -6,11 +6,13 @@
 Writes DIR/cohort (or --config.cohort.out_dir) in BIDS layout.
 """
 
+from ml_collections import config_dict
+
 from brain_ldm_jax import presets
 
 
 def get_config(preset=None):
   config = presets.base_config(preset)
   config.job = "cohort"
-  config.cohort = dict(out_dir="")  # default: <workdir>/cohort
+  config.cohort = dict(out_dir=config_dict.placeholder(str))  # default: <workdir>/cohort
   return config

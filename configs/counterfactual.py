@@ -22,17 +22,22 @@ def get_config(preset=None):
   config.job = "counterfactual"
   preset = config.preset
   config.counterfactual = config_dict.ConfigDict(dict(
-      run_dir="",  # trained run (holds run.json); default: --workdir
-      out_dir="",  # default: <workdir>/counterfactual
-      cohort="",  # participants.tsv or BIDS folder; default: the run's validation subjects
-      change="",  # e.g. "age=+10, ventricular_volume=*1.5" (+/- add, * scale, plain value sets)
-      targets_tsv="",  # instead of change: participant_id + target columns per subject
-      max_subjects=0,  # 0: all
-      num_steps=0,  # DDIM steps of the inversion and of the regeneration; 0: the run's sampling
+      run_dir=config_dict.placeholder(str),  # trained run (holds run.json); default: --workdir
+      out_dir=config_dict.placeholder(str),  # default: <workdir>/counterfactual
+      # participants.tsv or BIDS folder; default: the run's validation subjects.
+      cohort=config_dict.placeholder(str),
+      # e.g. "age=+10, ventricular_volume=*1.5" (+/- add, * scale, plain value sets).
+      change=config_dict.placeholder(str),
+      # Instead of change: participant_id + target columns per subject.
+      targets_tsv=config_dict.placeholder(str),
+      max_subjects=config_dict.placeholder(int),  # default: all
+      # DDIM steps of the inversion and of the regeneration; default: the run's sampling.
+      num_steps=config_dict.placeholder(int),
       guidance_scale=config_dict.placeholder(float),  # default: the run's sampling.guidance_scale
       strength=1.0,  # fraction of the steps inverted, in (0, 1]; < 1 keeps more of the subject
       batch_size={"paper": 2, "demo": 4, "test": 2}[preset],
       calibration_subjects={"paper": 300, "demo": 60, "test": 8}[preset],  # 0: all training
-      calibration_path="",  # a stored metrics.volumes calibration JSON instead of fitting one
+      # A stored metrics.volumes calibration JSON instead of fitting one.
+      calibration_path=config_dict.placeholder(str),
   ))
   return config

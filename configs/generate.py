@@ -22,12 +22,13 @@ def get_config(preset=None):
   config = presets.base_config(preset)
   config.job = "generate"
   g = ml_collections.ConfigDict()
-  g.run_dir = ""  # required: the workdir of a trained run (holds run.json)
-  g.out_dir = ""  # default: --workdir
+  g.run_dir = config_dict.placeholder(str)  # required: the workdir of a trained run (run.json)
+  g.out_dir = config_dict.placeholder(str)  # default: --workdir
   # How many subjects. With covariates_tsv, 0 takes every row and N takes the first N rows;
   # without one it is required.
   g.num_subjects = 0
-  g.covariates_tsv = ""  # optional: one row per subject, columns = the run's covariate names
+  # Optional: one row per subject, columns = the run's covariate names.
+  g.covariates_tsv = config_dict.placeholder(str)
   # Drawn covariates (no covariates_tsv) are balanced over age bins x sex when stratify is set.
   g.stratify = False
   g.age_bins = 4  # equal-width bins over the run's training age range

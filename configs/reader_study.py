@@ -11,6 +11,8 @@ DIR/reader_study/answer_key.json (keep private), or into --config.reader_study.o
 See docs/reader_study.md.
 """
 
+from ml_collections import config_dict
+
 from brain_ldm_jax import presets
 
 
@@ -18,12 +20,12 @@ def get_config(preset=None):
   config = presets.base_config(preset)
   config.job = "reader_study"
   config.reader_study = dict(
-      real_dir="",  # default: config.data.data_dir, else <workdir>/cohort
-      synthetic_dir="",  # required: folder of generated NIfTI volumes
+      real_dir=config_dict.placeholder(str),  # default: config.data.data_dir, else <workdir>/cohort
+      synthetic_dir=config_dict.placeholder(str),  # required: folder of generated NIfTI volumes
       num_trials=40,  # a multiple of 2 x len(trial_types): balanced classes and types
       trial_types=("slice", "triplet"),  # single slices and/or orthogonal triplets
       seed=0,  # fixes volumes, views and order (trial ids are random regardless)
-      out_dir="",  # default: <workdir>/reader_study
+      out_dir=config_dict.placeholder(str),  # default: <workdir>/reader_study
       confidence_levels=5,  # rating 1 (guess) .. N (certain)
       position_range=(0.3, 0.7),  # relative slice positions within each brain's bounding box
       clip_percentiles=(0.5, 99.5),  # intensity window percentiles

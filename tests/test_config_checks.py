@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -92,16 +94,24 @@ def test_network_sizes_follow_the_covariates():
   config = presets.base_config("test")
   config.data.covariates = ("age", "sex")
   config.autoencoder.latent_channels = 4
-  config_checks.derive_network_sizes(config)
   assert (config.unet.in_channels, config.unet.out_channels, config.unet.cross_attention_dim) == (
       6, 4, 2)
   config_checks.check_config(config)
-  # A size the user set explicitly is kept, and named when it disagrees.
+  assert json.loads(config.to_json_best_effort())["unet"]["in_channels"] == 6
+  # A size set by hand no longer follows, and is named when it disagrees.
+  config.unet.in_channels = 6
   config.data.covariates = ("age",)
-  config_checks.derive_network_sizes(config, explicit={"unet.in_channels"})
   assert config.unet.cross_attention_dim == 1 and config.unet.in_channels == 6
   with pytest.raises(ConfigError, match=r"unet.in_channels=6: allowed 5, which follows"):
     config_checks.check_config(config)
+
+
+def test_network_sizes_survive_copies():
+  # A copied or pickled config keeps following its own covariates.
+  config = copy.deepcopy(presets.base_config("test"))
+  config.data.covariates = ("age", "sex", "brain_volume")
+  assert config.unet.in_channels == 6
+  assert pickle.loads(pickle.dumps(config)).unet.cross_attention_dim == 3
 
 
 def test_library_errors_for_config_values_are_config_errors():
@@ -161,7 +171,7 @@ def test_cli_prints_the_resolved_config_and_writes_it_before_the_job(tmp_path):
       "error: give exactly one of counterfactual.change (e.g. 'age=+10') and "
       "counterfactual.targets_tsv (participant_id + target columns)"], result.stderr
   written = json.loads((workdir / "config.json").read_text())
-  assert written["job"] == "counterfactual" and written["counterfactual"]["change"] == ""
+  assert written["job"] == "counterfactual" and written["counterfactual"]["change"] is None
   # Except generate's: its workdir is the dataset, which holds nothing but the dataset.
   workdir = tmp_path / "generate"
   result = _cli("--config=configs/generate.py:test", f"--workdir={workdir}")

@@ -435,8 +435,9 @@ def sample(
 ) -> jnp.ndarray:
   """Runs `sampler` ("ddpm", "ddim" or "dpmpp_2m"); options as in the sampler's own function.
 
-  `timestep_spacing=None` (or "", as configs spell it) takes the sampler's default: "linspace" for DDPM (MONAI's rule),
-  "leading" for DDIM (the paper's), "quadratic" for DPM-Solver++.
+  `timestep_spacing=None` (or "", as older runs' configs spell it) takes the sampler's default:
+  "linspace" for DDPM (MONAI's rule), "leading" for DDIM (the paper's), "quadratic" for
+  DPM-Solver++.
 
   An option that the chosen sampler does not have must keep its default (e.g. eta for DDPM,
   whose noise is fixed by `variance_type`; keys are unused by "dpmpp_2m"), so that no setting is
