@@ -36,6 +36,7 @@ from brain_ldm_jax.train import checkpoint as checkpoint_lib
 from brain_ldm_jax.train import ldm as ldm_lib
 from brain_ldm_jax.train import loop
 from random_weights import random_params
+from test_train import AE_ONLY, _command, _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (2, 3, 4)  # keep=3 of a 4-step run
@@ -324,17 +325,15 @@ def test_load_run_reads_no_optimizer_state(tmp_path, monkeypatch):
 
 
 def test_cli_rerun_after_damage_goes_on(tmp_path):
+  # tests/test_train.py's autoencoder run (3 steps, a checkpoint each): the session compiles its
+  # programs once for both files.
   config = presets.base_config("test")
   cohort = str(tmp_path / "cohort")
-  synthetic.make_cohort(cohort, num_subjects=4, seed=0, spacing=config.data.spacing,
+  synthetic.make_cohort(cohort, num_subjects=8, seed=0, spacing=config.data.spacing,
                         shape=tuple(config.data.shape))
   workdir = str(tmp_path / "run")
-  command = [sys.executable, "-m", "brain_ldm_jax.main", "--config=configs/ldm.py:test",
-             f"--workdir={workdir}", f"--config.data.data_dir={cohort}",
-             "--config.stages=('autoencoder',)", "--config.train_ae.num_steps=3",
-             "--config.train_ae.batch_size=2", "--config.train_ae.checkpoint_every=1",
-             "--config.train_ae.adv_start_step=0"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  command = _command(workdir, cohort, (AE_ONLY,))
+  env = _env(devices=1)
   first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   _truncate(os.path.join(workdir, "autoencoder", "3"))
