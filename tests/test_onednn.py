@@ -2,8 +2,10 @@
 to lack."""
 
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -234,6 +236,27 @@ def test_build_error_is_reported(monkeypatch, tmp_path):
   with pytest.raises(ffi.OnednnUnavailableError, match="building onednn_conv.cc failed"):
     ffi.build()
   assert not any(tmp_path.glob("*.so"))
+
+
+def test_load_without_a_compiler_falls_back_once_with_a_warning(monkeypatch, tmp_path, caplog):
+  # As at backend choice on a machine without g++ (nothing cached): a warning that says why,
+  # the XLA lowerings from then on, and no second attempt in the same process.
+  monkeypatch.setitem(ffi._status, "tried", False)
+  monkeypatch.setitem(ffi._status, "reason", ffi._status["reason"])
+  monkeypatch.setenv("BRAIN_LDM_CACHE", str(tmp_path))
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  monkeypatch.setattr(ffi, "handler_library", lambda: ffi.build())  # not the cached library
+  with caplog.at_level(logging.WARNING):
+    reason = ffi.load()
+  assert "no C++ compiler found" in reason and not ffi.available()
+  assert "CPU convolutions use the slower XLA lowerings" in caplog.text
+  monkeypatch.setattr(ffi, "build", lambda: pytest.fail("built again"))
+  assert ffi.load() == reason
+  x, w, _ = _inputs((1, 6, 7, 5, 4), 3, 4)
+  hlo = jax.jit(lambda x, w: ops.conv(x, w, strides=(1, 1, 1), padding=((1, 1),) * 3)).lower(
+      x, w).as_text()
+  assert "custom_call" not in hlo
 
 
 def test_matmul_matches_dot_values_and_gradients():
