@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -88,8 +89,7 @@ def resolved_config():
 
 
 def write_config_json(config, workdir: str) -> None:
-  import jax  # after jax.distributed.initialize: only process 0 writes
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # called after jax.distributed.initialize
     files.write_json_atomic(os.path.join(workdir, CONFIG_FILE),
                             json.loads(config.to_json_best_effort()))
 

@@ -40,7 +40,8 @@ def is_child() -> bool:
 def initialize(coordinator_address: str | None, num_processes: int | None,
                process_id: int | None, heartbeat_timeout_s: int) -> None:
   """jax.distributed.initialize; a process silent for `heartbeat_timeout_s` counts as lost."""
-  import jax
+  # jax only here: the launching process (run_child) never loads it.
+  import jax  # pylint: disable=g-import-not-at-top
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)

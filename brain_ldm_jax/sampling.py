@@ -105,6 +105,8 @@ def make_volume_sampler(run: api.Run, options: dict, *, batch_size: int = 1,
   batch_size = -(-max(1, int(batch_size)) // shards) * shards
   names = tuple(run.config.data.covariates)
   sharded = make_sharded_sampler(run, mesh, options)
+  # The run's weights are placed on the devices once, not at every call (a sweep makes many).
+  placed = jax.device_put(run.params, sharding_lib.replicated(mesh))
 
   def sample(params, key, cond, *, first_index: int = 0,
              progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -112,7 +114,8 @@ def make_volume_sampler(run: api.Run, options: dict, *, batch_size: int = 1,
     ids = range(first_index, first_index + len(normalised))
     out, done = [], 0
     for _, volumes in sample_batches(run, normalised, ids, key=key, options=options,
-                                     batch_size=batch_size, mesh=mesh, params=params,
+                                     batch_size=batch_size, mesh=mesh,
+                                     params=placed if params is run.params else params,
                                      sampler_fn=sharded):
       out.append(volumes)
       done += len(volumes)

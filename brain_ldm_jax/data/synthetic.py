@@ -29,6 +29,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from absl import logging
 from scipy import ndimage
@@ -343,7 +344,6 @@ def build_cohort(out_dir: str, data_config) -> str:
   """Make the configured cohort in `out_dir` unless a complete one with the same parameters is
   there (the marker is written last, so an interrupted run is remade). Process 0 writes; every
   process waits for it. Returns `out_dir`."""
-  import jax  # pylint: disable=g-import-not-at-top
   synth = data_config.synthetic
   shape = cohort_shape(data_config)
   params = _params(synth.num_subjects, synth.seed, synth.spacing, shape)

@@ -67,8 +67,8 @@ def make_study(real_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   page_path = os.path.join(out_dir, PAGE_NAME)
   key_path = os.path.join(out_dir, KEY_NAME)
-  files.write_bytes_atomic(key_path, json.dumps(key, indent=1).encode("utf-8"))
-  files.write_bytes_atomic(page_path, html_text.encode("utf-8"))
+  files.write_text_atomic(key_path, json.dumps(key, indent=1))
+  files.write_text_atomic(page_path, html_text)
   logging.info("reader study %s: %d trials; page %s (send to readers), key %s (keep private)",
                study_id, len(specs), page_path, key_path)
   return {"page": page_path, "key": key_path, "study_id": study_id}

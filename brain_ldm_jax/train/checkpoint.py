@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from brain_ldm_jax import multihost
 from brain_ldm_jax.errors import DataError
@@ -257,7 +258,6 @@ def gather_digests(local: dict) -> dict:
   """Every process's digests merged (on every process): the primary writes the step metadata."""
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   payload = np.frombuffer(json.dumps(local).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.int64(payload.size))
   padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -316,7 +316,6 @@ def agree(ok: bool) -> bool:
   """True when `ok` holds on every process, so all of them fall back to the same step."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
