@@ -20,8 +20,8 @@ from brain_ldm_jax import config_checks
 from brain_ldm_jax import files
 from brain_ldm_jax import multihost
 from brain_ldm_jax.errors import UserError
-from brain_ldm_jax.nn import ops
 from brain_ldm_jax.jobs import resolve_job
+from brain_ldm_jax.nn import ops
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
