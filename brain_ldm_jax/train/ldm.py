@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics as clu_metrics
 
+from brain_ldm_jax import networks
 from brain_ldm_jax import sharding as sharding_lib
 from brain_ldm_jax.diffusion import guidance
 from brain_ldm_jax.diffusion import losses as diffusion_losses
@@ -40,11 +41,6 @@ class LDMState:
 @flax.struct.dataclass
 class LDMMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output("loss")
-
-
-def make_schedule(diffusion_config) -> schedules.Schedule:
-  return schedules.make_schedule(diffusion_config.schedule, diffusion_config.num_train_timesteps,
-                                 diffusion_config.beta_start, diffusion_config.beta_end)
 
 
 def posterior_latent(mean, logvar, key, latent_mode: str):
@@ -76,15 +72,14 @@ def latent_scale_factor(autoencoder, ae_params, images, setting: str) -> float:
 
 
 def ldm_loss(params, unet, z0, cond, key, schedule, prediction_type: str):
-  """Diffusion loss of the UNet at random timesteps: MSE to the prediction target."""
-  k_t, k_noise = jax.random.split(key)
-  t = diffusion_losses.sample_timesteps(k_t, z0.shape[0], schedule.betas.shape[0])
-  noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
-  zt = diffusion_losses.q_sample(schedule, z0, t, noise)
-  x, context = unet_lib.hybrid_conditioning(zt, cond)
-  out = unet.apply({"params": params}, x, t, context=context)
-  target = diffusion_losses.training_target(schedule, z0, noise, t, prediction_type)
-  return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+  """The denoising loss of the UNet on latents z0, the covariates as channels and context."""
+  def apply_fn(p, zt, t, cond):
+    # Only the latent is noised: the covariate channels join it after q_sample.
+    x, context = unet_lib.hybrid_conditioning(zt, cond)
+    return unet.apply({"params": p}, x, t, context=context)
+
+  return diffusion_losses.denoising_loss(apply_fn, params, z0, key, schedule, prediction_type,
+                                         cond=cond)
 
 
 def ldm_train_step(state: LDMState, batch, ae_params, scale_factor, *, unet, autoencoder, tx,
@@ -106,24 +101,14 @@ def ldm_train_step(state: LDMState, batch, ae_params, scale_factor, *, unet, aut
   return new_state, LDMMetrics.single_from_model_output(loss=loss)
 
 
-def latent_shape(config) -> tuple[int, ...]:
-  """(X, Y, Z, C) of a latent: the image shape over the autoencoder's downsampling."""
-  factor = 2 ** (len(config.autoencoder.channels) - 1)
-  shape = tuple(config.data.shape)
-  if any(s % factor for s in shape):
-    raise ConfigError(f"data.shape={shape} must be divisible by the autoencoder's downsampling "
-                      f"factor {factor} (2 ** (len(autoencoder.channels) - 1))")
-  return tuple(s // factor for s in shape) + (config.autoencoder.latent_channels,)
-
-
 def build(config, mesh, key):
   """(unet, tx, init, abstract_state, jitted_step, schedule) for `config` on `mesh`."""
   unet = unet_lib.build_unet(config.unet)
   autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
   t = config.train_ldm
   tx = state_lib.adam(t.learning_rate, t.weight_decay)
-  schedule = make_schedule(config.diffusion)
-  zshape = latent_shape(config)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  zshape = networks.latent_shape(config)
   n_cov = len(config.data.covariates)
 
   def init_fn():
