@@ -12,6 +12,10 @@ The summary (`summarise`, the `summary` stage; one printed block and WORKDIR/sum
 4. Mean MS-SSIM over random pairs of generated brains and of real validation brains: blurred or
    collapsed samples read far from the real value.
 
+The samples (`write_samples`, the `samples` stage): brains for the first validation subjects'
+covariates, each beside that subject's real brain in samples.png. Both stages sample through
+sampling.py, the driver every job shares.
+
 The sweeps (`write_sweeps`, part of the `samples` stage): one noise, one covariate over its
 training range, the other covariates at the training subjects' medians, as NIfTI and one PNG per
 covariate (rows = values, the same slices), so a person sees what the model ties to each covariate.
