@@ -95,9 +95,11 @@ def test_bundle_covariates_by_known_ranges_or_as_given():
 
 
 def test_unet_sizes_must_follow_the_covariates(tmp_path):
+  # The presets derive the sizes from the covariates; one set by hand must agree with them.
   result = subprocess.run(
       [sys.executable, "scripts/convert_monai.py", "--config=configs/ldm.py:test",
-       "--config.data.covariates=('age','sex','brain_volume')", "--autoencoder=a.pt",
+       "--config.data.covariates=('age','sex','brain_volume')", "--config.unet.in_channels=7",
+       "--autoencoder=a.pt",
        "--unet=u.pt", "--covariate_ranges=age=44:82,sex=0:1,brain_volume=900:1900",
        f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
