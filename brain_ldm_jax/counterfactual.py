@@ -240,12 +240,9 @@ def parse_changes(text: str, names: Sequence[str]) -> list[Change]:
     if name == "sex" and number.lower() in manifest.SEX_CODES and op == "=":
       changes.append(Change(name, "=", manifest.SEX_CODES[number.lower()]))
       continue
-    try:
-      value = float(number)
-    except ValueError:
-      raise ConfigError(f"{where}: {entry!r}: {number!r} is not a number") from None
-    if not math.isfinite(value):
-      raise ConfigError(f"{where}: {entry!r} is not finite")
+    value = manifest.parse_finite(number, lambda is_number: ConfigError(
+        f"{where}: {entry!r} is not finite" if is_number
+        else f"{where}: {entry!r}: {number!r} is not a number"))
     changes.append(Change(name, "+" if op in "+-" else op, value))
   if not changes:
     raise ConfigError(f"{where} is empty: say what to change, e.g. "

@@ -8,7 +8,6 @@ rows (`draw_conditions`). Values are in natural units (years, mL; sex 0 female, 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Sequence
 
@@ -26,13 +25,8 @@ def _float_cell(name: str, text: str, where: str) -> float:
     return manifest.SEX_CODES[text.lower()]
   if text.lower() in manifest.MISSING:
     raise DataError(f"{where}, column {name!r}: empty or n/a; every subject needs a value")
-  try:
-    value = float(text)
-  except ValueError:
-    raise DataError(f"{where}, column {name!r}: {text!r} is not a number") from None
-  if not math.isfinite(value):
-    raise DataError(f"{where}, column {name!r}: {text!r} is not a finite number")
-  return value
+  return manifest.parse_finite(text, lambda is_number: DataError(
+      f"{where}, column {name!r}: {text!r} is not a {'finite ' if is_number else ''}number"))
 
 
 def read_covariates_tsv(path: str, names: Sequence[str]) -> tuple[np.ndarray, list[str] | None]:

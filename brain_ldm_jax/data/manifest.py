@@ -16,8 +16,9 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -66,12 +67,18 @@ def parse_covariate(name: str, text: str, subject: str) -> float:
     if text.lower() in SEX_CODES:
       return SEX_CODES[text.lower()]
     raise DataError(f"subject {subject} has sex={text!r}; use M/F, male/female or 1/0")
+  return parse_finite(text, lambda is_number: DataError(
+      f"subject {subject} has non-{'finite' if is_number else 'numeric'} {name}={text!r}"))
+
+
+def parse_finite(text: str, error: Callable[[bool], Exception]) -> float:
+  """float(text); raises error(False) when text is no number, error(True) when inf or nan."""
   try:
     value = float(text)
   except ValueError:
-    raise DataError(f"subject {subject} has non-numeric {name}={text!r}") from None
-  if not np.isfinite(value):
-    raise DataError(f"subject {subject} has non-finite {name}={text!r}")
+    raise error(False) from None
+  if not math.isfinite(value):
+    raise error(True)
   return value
 
 
