@@ -31,10 +31,13 @@ def conv_backend():
 def subprocess_compilation_cache(tmp_path_factory):
   """XLA's persistent compilation cache for the CLI runs that tests start in subprocesses.
 
-  Many of them run the same programs (same config and device count): each compiles once. The
-  test process itself has already imported jax, so it is unaffected.
+  Many of them run the same programs (same config and device count): each compiles once. On
+  several devices the oneDNN convolutions are custom-partitioned, and JAX's cache key holds the
+  partitioner's address, different in every process: without it in the key those programs are
+  found again. The test process itself has already imported jax, so it is unaffected.
   """
   path = str(tmp_path_factory.mktemp("xla_compilation_cache"))
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("JAX_COMPILATION_CACHE_DIR", path)
+    patch.setenv("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "1")
     yield path

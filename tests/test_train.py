@@ -68,15 +68,12 @@ def _train(workdir, cohort, devices=1, extra=()):
   _wait_all([_start(workdir, cohort, devices, extra)])
 
 
-def _start(workdir, cohort, devices, extra=(), prefix=(), log_path=None, cache=None):
-  """A training run in the background, its stderr in a file beside the workdir; `cache`: a
-  persistent compilation cache folder, for runs that repeat a program."""
+def _start(workdir, cohort, devices, extra=(), prefix=(), log_path=None):
+  """A training run in the background, its stderr in a file beside the workdir. Its programs go
+  to the session's compilation cache (tests/conftest.py): runs that repeat one compile it once."""
   log = open(log_path or workdir.rstrip("/") + ".stderr", "w+")
-  env = _env(devices)
-  if cache:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache
   proc = subprocess.Popen([*prefix, *_command(workdir, cohort, extra)], cwd=REPO,
-                          env=env, stdout=subprocess.DEVNULL, stderr=log)
+                          env=_env(devices), stdout=subprocess.DEVNULL, stderr=log)
   return proc, log
 
 
@@ -151,7 +148,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, cohort, extra=(), heartbeat_timeout_s=None, cache=None):
+def _two_processes(workdir, cohort, extra=(), heartbeat_timeout_s=None):
   """The same training as two processes of two devices each, started side by side; their logs
   go to WORKDIR.0.stderr and WORKDIR.1.stderr."""
   port = _free_port()
@@ -163,7 +160,7 @@ def _two_processes(workdir, cohort, extra=(), heartbeat_timeout_s=None, cache=No
     # A hung collective would outlive pytest's own timeout: a hard limit on each process.
     started.append(_start(workdir, cohort, 2, (*flags, *extra),
                           prefix=("timeout", "-s", "KILL", str(TIMEOUT)),
-                          log_path=f"{workdir}.{i}.stderr", cache=cache))
+                          log_path=f"{workdir}.{i}.stderr"))
   return started
 
 
@@ -348,10 +345,8 @@ def _finish(started) -> list[tuple[int, str]]:
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(cohort, tmp_path):
   root = str(tmp_path)
-  cache = os.path.join(root, "xla_cache")  # the resumed and the reference run reuse the programs
   preempted = os.path.join(root, "preempted")
-  started = _two_processes(preempted, cohort, ("--config.train_ae.num_steps=1000", AE_ONLY),
-                           cache=cache)
+  started = _two_processes(preempted, cohort, ("--config.train_ae.num_steps=1000", AE_ONLY))
   _wait_for_step(preempted, "autoencoder", started, at_least=1)
   os.kill(_launched_python(started[1][0]), signal.SIGTERM)  # one process of the two
   results = _finish(started)
@@ -366,8 +361,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(cohort, tmp_path
   # Resumed to two steps past the stop vs the same training uninterrupted: the same state.
   uninterrupted = os.path.join(root, "uninterrupted")
   steps = (f"--config.train_ae.num_steps={stop + 2}", AE_ONLY)
-  _wait_all(_two_processes(preempted, cohort, steps, cache=cache)
-            + _two_processes(uninterrupted, cohort, steps, cache=cache))
+  _wait_all(_two_processes(preempted, cohort, steps) + _two_processes(uninterrupted, cohort, steps))
   _assert_trees(_params(preempted, "autoencoder"), _params(uninterrupted, "autoencoder"),
                 exact=True)
 
