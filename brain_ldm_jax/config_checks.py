@@ -16,6 +16,7 @@ from brain_ldm_jax import presets
 from brain_ldm_jax.diffusion import losses
 from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion import schedules
+from brain_ldm_jax.diffusion import timesteps
 from brain_ldm_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -246,7 +247,7 @@ def check_sampling(config) -> None:
       fail(f"sampling.{field}", s[field], "a number")
   check_sampling_options(dict(sampler=s.sampler, num_steps=s.num_steps, eta=float(s.eta),
                               guidance_scale=float(s.guidance_scale)), config)
-  _one_of(config, "sampling.timestep_spacing", (None,) + samplers.TIMESTEP_SPACINGS)
+  _one_of(config, "sampling.timestep_spacing", (None,) + timesteps.TIMESTEP_SPACINGS)
   _int_at_least(config, "sampling.num_samples", 0)
   _int_at_least(config, "sampling.seed", 0)
   if "sweep_covariates" in s:  # runs from before sweeps and the summary had neither field

@@ -7,6 +7,7 @@ import pytest
 
 from brain_ldm_jax.diffusion import inversion
 from brain_ldm_jax.diffusion import samplers
+from brain_ldm_jax.diffusion import timesteps
 from brain_ldm_jax.diffusion import schedules
 from brain_ldm_jax.errors import ConfigError
 
@@ -36,7 +37,7 @@ def test_inversion_pairs_each_step_with_the_samplers_timestep():
   # sampler to do the same; with a t-dependent model the round trip then misses by O(1).
   x0 = jnp.ones((1, 3))
   x_t = inversion.ddim_invert(_x_free_eps, x0, SCHEDULE, num_steps=5)
-  ts = samplers.ddim_timesteps(1000, 5)
+  ts = timesteps.ddim_timesteps(1000, 5)
   shifted = lambda x, t: _x_free_eps(x, t - (ts[0] - ts[1]))
   wrong = inversion.ddim_regenerate(shifted, x_t, SCHEDULE, num_steps=5)
   assert float(jnp.max(jnp.abs(wrong - x0))) > 0.05
@@ -57,7 +58,7 @@ def test_inversion_follows_the_ode_of_gaussian_data():
   errors = []
   for n in (20, 200):
     x_t = inversion.ddim_invert(eps, x0, SCHEDULE, num_steps=n)
-    a = SCHEDULE.alphas_cumprod[samplers.ddim_timesteps(1000, n)[0]]
+    a = SCHEDULE.alphas_cumprod[timesteps.ddim_timesteps(1000, n)[0]]
     exact = jnp.sqrt(a) * mu + jnp.sqrt(a * sigma**2 + 1 - a) * (x0 - mu) / sigma
     back = inversion.ddim_regenerate(eps, x_t, SCHEDULE, num_steps=n)
     errors.append((float(jnp.max(jnp.abs(x_t - exact))), float(jnp.max(jnp.abs(back - x0)))))
@@ -79,7 +80,7 @@ def test_regenerate_at_full_strength_is_the_ddim_sampler(spacing):
 
 
 def test_edit_timesteps_and_strength():
-  ts = samplers.ddim_timesteps(1000, 50)
+  ts = timesteps.ddim_timesteps(1000, 50)
   np.testing.assert_array_equal(inversion.edit_timesteps(1000, 50), ts)
   np.testing.assert_array_equal(inversion.edit_timesteps(1000, 50, 0.5), ts[25:])
   assert inversion.edit_timesteps(1000, 50, 0.5)[0] == 480

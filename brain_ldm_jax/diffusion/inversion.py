@@ -22,7 +22,7 @@ Everything here is deterministic (no noise, no PRNG keys) and pure: `jax.jit` of
 the network once; each direction is one `lax.scan`.
 
 Conventions as in `samplers`: `denoise_fn(x, t) -> model_output` with t a scalar int32 array; the
-steps are `samplers.ddim_transitions` (the timestep list and where each step goes) and the clean
+steps are `timesteps.ddim_transitions` (the timestep list and where each step goes) and the clean
 end point ᾱ is 1 (or ᾱ_0 with `set_alpha_to_one=False`), so `ddim_regenerate` at strength 1 is
 `samplers.ddim_sample` with eta = 0 step for step.
 """
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from brain_ldm_jax.diffusion import samplers
+from brain_ldm_jax.diffusion import timesteps
 from brain_ldm_jax.diffusion.losses import check_prediction_type
 from brain_ldm_jax.diffusion.schedules import Schedule
 from brain_ldm_jax.errors import ConfigError
@@ -86,10 +87,10 @@ def _move(model_output, x, ac_from, ac_to, prediction_type):
 def _chain(num_train_timesteps, num_steps, strength, timestep_spacing, steps_offset):
   """The sampler's (timesteps, where each step goes) for the edit's steps, high to low.
 
-  A destination below 0 is the clean end point. Taken from `samplers.ddim_transitions`, so every
+  A destination below 0 is the clean end point. Taken from `timesteps.ddim_transitions`, so every
   stepping rule the sampler has (MONAI's t -> t - T // N included) is inverted step for step.
   """
-  ts, previous = samplers.ddim_transitions(num_train_timesteps, num_steps, timestep_spacing,
+  ts, previous = timesteps.ddim_transitions(num_train_timesteps, num_steps, timestep_spacing,
                                            steps_offset)
   k = num_edit_steps(num_steps, strength)
   return ts[len(ts) - k:], previous[len(ts) - k:]
