@@ -146,6 +146,13 @@ def datasets(tiny_run, wanted_tsv, tmp_path_factory):
 # End to end
 
 
+def _final_files(root) -> set[str]:
+  """The files under their final names (temporaries left out)."""
+  if not os.path.isdir(root):
+    return set()
+  return {f for f in _all_files(root) if not os.path.basename(f).startswith(files.TMP_PREFIX)}
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(tiny_run, wanted_tsv, datasets):
   out = str(datasets["root"] / "killed")
@@ -156,17 +163,25 @@ def test_kill_and_resume_is_byte_identical(tiny_run, wanted_tsv, datasets):
                      extra=("--config.generate.writer_threads=1",
                             "--config.generate.max_pending_subjects=1"))
   env = _env(1, datasets["cache"])
+  # Each attempt is killed once the dataset holds a drawn number of files: right after the plan,
+  # among the first subjects, the middle ones, and the last subjects or the tables, so the kills
+  # reach late into the writing with one process start each. Four attempts: a fast machine that
+  # finishes the last before its kill still leaves three.
+  total = len(_all_files(datasets["reference"]))
+  quarter = (total - 1) // 4
+  targets = [1, rng.randint(2, 1 + quarter), rng.randint(2 + quarter, 1 + 2 * quarter),
+             rng.randint(total - quarter, total - 1)]
   kills = 0
-  for _ in range(12):
-    before = set(_all_files(out)) if os.path.isdir(out) else set()
+  for target in targets:
+    before = _final_files(out)
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    # Kill at a random moment within 50 ms of this attempt's first new file (an image, a sidecar
-    # or the plan), i.e. in the middle of writing, sampling or compiling. Short, so that a fast
-    # machine with a warm compile cache cannot finish the 8 subjects before 3 kills.
+    # Kill at a random moment within 50 ms of the file that reaches the target (an image, a
+    # sidecar, a table or the plan), i.e. in the middle of writing or sampling.
     deadline = time.monotonic() + TIMEOUT
     while proc.poll() is None and time.monotonic() < deadline:
-      if os.path.isdir(out) and set(_all_files(out)) - before:
+      now = _final_files(out)
+      if now - before and len(now) >= target:
         time.sleep(rng.uniform(0.0, 0.05))
         break
       time.sleep(0.02)
@@ -178,7 +193,7 @@ def test_kill_and_resume_is_byte_identical(tiny_run, wanted_tsv, datasets):
     else:
       assert proc.returncode == 0, f"the job failed with exit code {proc.returncode}"
       break
-  assert kills >= 3, f"the run finished before 3 kills ({kills})"
+  assert kills >= 3, f"the run finished before 3 kills ({kills}; targets {targets} of {total})"
   _generate(out, tiny_run, wanted_tsv, datasets["cache"], batch_size=1)  # resume
   reference = datasets["reference"]
   assert _all_files(out) == _all_files(reference)
