@@ -35,6 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brain_ldm_jax.nn import autoencoder
+from brain_ldm_jax.nn import discriminator
+from brain_ldm_jax.nn import unet
+
 KINDS = ("autoencoder", "unet", "discriminator")
 _LIST = re.compile(r"^(blocks|resnets|attentions|transformer_blocks|down_blocks|up_blocks|"
                    r"time_embed|out)_(\d+)$")
@@ -152,8 +156,6 @@ def _normalise_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
 
 def example_inputs(module: nn.Module) -> tuple[tuple, dict]:
   """Small dummy (args, kwargs) that initialise every parameter of one of our networks."""
-  from brain_ldm_jax.nn import autoencoder, discriminator, unet  # pylint: disable=g-import-not-at-top
-
   if isinstance(module, autoencoder.AutoencoderKL):
     s = 2 ** (len(module.channels) - 1)
     x = jnp.zeros((1,) + (s,) * module.spatial_dims + (module.in_channels,))
@@ -208,8 +210,6 @@ def monai_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def kind_of(module: nn.Module) -> str:
-  from brain_ldm_jax.nn import autoencoder, discriminator, unet  # pylint: disable=g-import-not-at-top
-
   for cls, kind in ((autoencoder.AutoencoderKL, "autoencoder"), (unet.DiffusionModelUNet, "unet"),
                     (discriminator.PatchDiscriminator, "discriminator")):
     if isinstance(module, cls):

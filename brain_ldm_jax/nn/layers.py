@@ -12,6 +12,7 @@ for weights and biases) so a freshly initialised network trains like MONAI's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -443,8 +444,6 @@ def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
   Keys must be the module's field names (MONAI's argument names plus remat/dtype);
   sequences become tuples so the module stays hashable.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   items = cfg.items() if hasattr(cfg, "items") else dict(cfg).items()
   kwargs = {}
