@@ -52,7 +52,16 @@ def read_run_info(workdir: str) -> dict:
     raise DataError(f"{path} not found: {workdir} is not a trained run "
                     "(train one with --config=configs/ldm.py --workdir=...)")
   with open(path) as f:
-    return json.load(f)
+    info = json.load(f)
+  _drop_retired_fields(info.get("config", {}))
+  return info
+
+
+def _drop_retired_fields(config: dict) -> None:
+  """Runs saved before the CPU kernels were chosen per process carry a per-network `conv_impl`."""
+  for section in ("autoencoder", "unet", "discriminator"):
+    if isinstance(config.get(section), dict):
+      config[section].pop("conv_impl", None)
 
 
 def load_run(workdir: str, *, use_ema: bool = True, ldm_step: int | None = None) -> Run:

@@ -292,6 +292,25 @@ def test_load_run_names_a_damaged_step_asked_for(run_with_two_ldm_steps, tmp_pat
     api.load_run(workdir, ldm_step=99)
 
 
+def test_load_run_reads_runs_saved_with_a_per_network_kernel_choice(run_with_two_ldm_steps,
+                                                                      tmp_path):
+  """Runs saved before the CPU kernels were chosen per process carry `*.conv_impl`: still load."""
+  source, _, _, later = run_with_two_ldm_steps
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  path = os.path.join(workdir, run_dir.RUN_FILE)
+  with open(path) as f:
+    info = json.load(f)
+  for section in ("autoencoder", "unet", "discriminator"):
+    info["config"][section]["conv_impl"] = "auto"
+  with open(path, "w") as f:
+    json.dump(info, f)
+  run = api.load_run(workdir)
+  assert "conv_impl" not in run.config.unet and "conv_impl" not in run.config.autoencoder
+  _assert_equal(run.params["unet"], later)
+  api.make_sampler(run)  # builds the networks from the stored config
+
+
 def test_load_run_reads_no_optimizer_state(tmp_path, monkeypatch):
   """Only the autoencoder's params and the UNet's EMA params are read from disk."""
   workdir = str(tmp_path / "run")
