@@ -40,7 +40,9 @@ from brain_ldm_jax.diffusion.timesteps import ddim_timesteps, ddim_transitions, 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
 
 def step_noise(keys: jax.Array, step: jnp.ndarray, shape, dtype=jnp.float32) -> jnp.ndarray:
   """The noise of step `step` for each sample: normal(fold_in(keys[b], step), shape)."""

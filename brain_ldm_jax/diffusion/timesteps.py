@@ -18,7 +18,6 @@ MONAI_DDIM_RULE = "monai"
 TIMESTEP_SPACINGS = ("leading", "linspace", "quadratic", MONAI_DDIM_RULE)
 
 
-
 def ddim_timesteps(
     num_train_timesteps: int,
     num_inference_steps: int,
