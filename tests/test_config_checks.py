@@ -28,7 +28,7 @@ def test_every_preset_passes():
 
 # (field, bad value, what the message must say is allowed): one or more per section.
 BAD_VALUES = [
-    ("preset", "huge", "one of 'demo', 'paper', 'test'"),
+    ("preset", "huge", "one of 'demo', 'demo_long', 'paper', 'test'"),
     ("seed", -1, "integer >= 0"),
     ("stages", ("autoencoder", "sample"), "'samples'"),
     ("data.covariates", ("age", "age"), "distinct"),
