@@ -26,6 +26,17 @@ def test_every_preset_passes():
     config_checks.check_config(presets.base_config(preset))
 
 
+def test_demo_long_is_the_demo_trained_longer():
+  demo, long = presets.base_config("demo").to_dict(), presets.base_config("demo_long").to_dict()
+  differ = {f"{section}.{name}" for section, fields in demo.items() if isinstance(fields, dict)
+            for name in fields if fields[name] != long[section][name]}
+  assert differ == {"train_ae.num_steps", "train_ae.checkpoint_every", "train_ldm.num_steps",
+                    "train_ldm.ema_decay", "train_ldm.checkpoint_every", "train_ldm.image_every"}
+  assert long["train_ae"]["num_steps"] > demo["train_ae"]["num_steps"]
+  assert long["train_ldm"]["num_steps"] > demo["train_ldm"]["num_steps"]
+  assert long["preset"] == "demo_long"
+
+
 # (field, bad value, what the message must say is allowed): one or more per section.
 BAD_VALUES = [
     ("preset", "huge", "one of 'demo', 'demo_long', 'paper', 'test'"),
