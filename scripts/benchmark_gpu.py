@@ -52,8 +52,6 @@ import time
 # the peak-memory row needs JAX's allocator to grow on demand.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import benchmark as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 ALL_CASES = ("ae_step", "unet", "ddim", "ldm_step", "memory")
 _ONEDNN = "brain_ldm_jax_"  # our CPU custom calls' target prefix
 _CUDNN_CONV = "__cudnn$conv"
@@ -90,52 +88,58 @@ def gib(n):
 
 
 def case_ae_step(report, args):
+  import bench_cases  # pylint: disable=g-import-not-at-top
+  import bench_monai  # pylint: disable=g-import-not-at-top
   config = paper_config(args.smoke)
   config.train_ae.batch_size = 1
   shape = "×".join(map(str, config.data.shape))
-  if bench.TORCH_DEVICE != "cpu":
+  if bench_monai.TORCH_DEVICE != "cpu":
     torch.cuda.reset_peak_memory_stats()
-  compiled = bench.case_ae_step(report, args, config,
-                                f"autoencoder train step (paper, {shape}, remat)")
+  compiled = bench_cases.case_ae_step(report, args, config,
+                                      f"autoencoder train step (paper, {shape}, remat)")
   conv_check(report, "the autoencoder train step", compiled)
   stats = jax.local_devices()[0].memory_stats() or {}
   m = compiled.memory_analysis()
   xla = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - getattr(
       m, "alias_size_in_bytes", 0)
-  if "peak_bytes_in_use" in stats and bench.TORCH_DEVICE != "cpu":
+  if "peak_bytes_in_use" in stats and bench_monai.TORCH_DEVICE != "cpu":
     peak, peak_monai = stats["peak_bytes_in_use"], torch.cuda.max_memory_allocated()
     report.check(f"paper AE train step peak device memory, batch 1, float32, remat ({shape})",
                  f"{gib(peak)} (MONAI {gib(peak_monai)})", "≤ 12 GiB", peak <= 12 * 2**30,
                  f"JAX allocator's peak since the process started (this case runs first): "
                  f"state, batch and the step; XLA's memory analysis of the step {gib(xla)}. "
                  f"MONAI: torch.cuda.max_memory_allocated over its steps, use_checkpoint=True")
-  if bench.TORCH_DEVICE != "cpu":
+  if bench_monai.TORCH_DEVICE != "cpu":
     torch.cuda.empty_cache()
 
 
 def case_unet(report, args):
+  import bench_cases  # pylint: disable=g-import-not-at-top
   from brain_ldm_jax import networks  # pylint: disable=g-import-not-at-top
   config = paper_config(args.smoke)
   spatial = networks.latent_shape(config)[:-1]
   for dtype in ("float32", "bfloat16"):
     section = config.unet.copy_and_resolve_references()
     section.dtype = dtype
-    compiled = bench.case_unet(report, args, f"UNet paper ({dtype})", section, spatial)
+    compiled = bench_cases.case_unet(report, args, f"UNet paper ({dtype})", section, spatial)
     if dtype == "float32":
       conv_check(report, "the paper UNet forward", compiled)
 
 
 def case_ddim(report, args):
+  import bench_sampling  # pylint: disable=g-import-not-at-top
   config = paper_config(args.smoke)
-  bench.case_ddim(report, args, bench.DemoSampling(config),
-                  f"DDIM-50 sample + decode (paper, {'×'.join(map(str, config.data.shape))})")
+  shape = "×".join(map(str, config.data.shape))
+  bench_sampling.case_ddim(report, args, bench_sampling.DemoSampling(config),
+                           f"DDIM-50 sample + decode (paper, {shape})")
 
 
 def case_ldm_step(report, args):
+  import bench_cases  # pylint: disable=g-import-not-at-top
   config = paper_config(args.smoke)
   config.unet.remat = False
   config.train_ldm.batch_size = args.ldm_batch
-  compiled = bench.case_ldm_step(report, args, config, "LDM train step (paper UNet)")
+  compiled = bench_cases.case_ldm_step(report, args, config, "LDM train step (paper UNet)")
   conv_check(report, "the LDM train step", compiled)
 
 
@@ -235,9 +239,6 @@ def main():
     jax.config.update("jax_default_matmul_precision", "highest")
   torch.backends.cuda.matmul.allow_tf32 = not args.highest
   torch.backends.cudnn.allow_tf32 = not args.highest
-  bench.jax, bench.jnp, bench.torch = jax, jnp, torch
-  bench.TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-  bench.GEMM_N = args.gemm_n
   from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top
   if args.count_flops:
     flops = count_flops(args)
@@ -249,22 +250,29 @@ def main():
         print(f"  {case:10s} {count / 1e12:8.2f}")
     return None
 
+  # scripts/benchmark.py's modules import jax and torch, so only now that both are set up.
+  import bench_cases  # pylint: disable=g-import-not-at-top
+  import bench_monai  # pylint: disable=g-import-not-at-top
+  import bench_report  # pylint: disable=g-import-not-at-top
+  import bench_timing  # pylint: disable=g-import-not-at-top
+  bench_monai.TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+  bench_timing.GEMM_N = args.gemm_n
   ops.set_backend()
   start = time.perf_counter()
-  info = bench.machine_info(torch.get_num_threads())
+  info = bench_report.machine_info(torch.get_num_threads())
   gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
   info.insert(1, f"- accelerator: JAX {jax.devices()[0].device_kind} ({jax.default_backend()}); "
                  f"PyTorch CUDA device: {gpu}; precision: "
                  f"{'float32 (highest) on both' if args.highest else 'default (TF32 on both)'}")
   print("\n".join(info), flush=True)
-  report = bench.Report()
+  report = bench_report.Report()
   flops = counted_flops(args) if jax.default_backend() != "cpu" else {}
   runners = {"ae_step": case_ae_step, "unet": case_unet, "ddim": case_ddim,
              "ldm_step": case_ldm_step,
-             "memory": lambda r, a: bench.case_memory(r, a, [("auto", "bfloat16", True)])}
+             "memory": lambda r, a: bench_cases.case_memory(r, a, [("auto", "bfloat16", True)])}
 
   def write():
-    text = bench.markdown(report, info, args, time.perf_counter() - start).replace(
+    text = bench_report.markdown(report, info, args, time.perf_counter() - start).replace(
         "on this machine", "at the paper's size on one GPU", 1)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
