@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import import_reference
 
+from brain_ldm_jax import api
 from brain_ldm_jax import diffusion
 from brain_ldm_jax import presets
 
@@ -40,10 +41,13 @@ def test_schedule_equals_monai(monai_schedulers, name, kwargs, num_train_timeste
 
 def test_schedule_from_config_is_the_paper_schedule():
   config = presets.base_config("paper")
+  run = api.Run(config=config, params={}, stats=None, scale_factor=1.0, affine=np.eye(4),
+                checkpoint="in-memory")  # no weights: only its options are asked
+  assert api.sampling_options(run) == dict(sampler="ddim", num_steps=50, eta=0.0,
+                                           guidance_scale=1.0)
+  assert (config.diffusion.prediction_type, config.diffusion.clip_sample) == ("epsilon", False)
   # The paper preset leaves the spacing to the sampler, and DDIM's own default is the paper's.
-  assert diffusion.sampler_options_from_config(config) == dict(
-      sampler="ddim", num_steps=50, eta=0.0, prediction_type="epsilon", clip_sample=False,
-      timestep_spacing=None)
+  assert config.sampling.timestep_spacing is None
   ddim_defaults = inspect.signature(diffusion.samplers.ddim_sample).parameters
   assert ddim_defaults["timestep_spacing"].default == "leading"
   cfg = config.diffusion

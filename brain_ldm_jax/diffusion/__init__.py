@@ -15,7 +15,6 @@ from brain_ldm_jax.diffusion.samplers import ddim_sample
 from brain_ldm_jax.diffusion.samplers import ddpm_sample
 from brain_ldm_jax.diffusion.samplers import dpmpp_2m_sample
 from brain_ldm_jax.diffusion.samplers import sample
-from brain_ldm_jax.diffusion.samplers import sampler_options_from_config
 from brain_ldm_jax.diffusion.samplers import step_noise
 from brain_ldm_jax.diffusion.timesteps import TIMESTEP_SPACINGS
 from brain_ldm_jax.diffusion.timesteps import ddim_timesteps

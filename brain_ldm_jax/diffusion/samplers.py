@@ -362,18 +362,3 @@ def sample(
     return dpmpp_2m_sample(denoise_fn, x_T, schedule, set_alpha_to_one=set_alpha_to_one,
                            **common)
   raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {sampler!r}.")
-
-
-def sampler_options_from_config(config) -> dict:
-  """Static keyword options for `sample` from a run config (`config.sampling`, `.diffusion`).
-
-  An empty `sampling.timestep_spacing` means the sampler's default (see `sample`).
-  """
-  return dict(
-      sampler=config.sampling.sampler,
-      num_steps=int(config.sampling.num_steps),
-      eta=float(config.sampling.eta),
-      prediction_type=config.diffusion.prediction_type,
-      clip_sample=bool(config.diffusion.clip_sample),
-      timestep_spacing=config.sampling.timestep_spacing or None,
-  )
