@@ -56,12 +56,10 @@ def _pairs(padding: int | Sequence[int] | Sequence[tuple[int, int]], nd: int) ->
   """Padding given as an int, per-axis ints or per-axis (low, high) pairs -> per-axis pairs."""
   if isinstance(padding, int):
     return ((padding, padding),) * nd
-  out = []
-  for p in padding:
-    out.append((p, p) if isinstance(p, int) else tuple(p))
+  out = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
   if len(out) != nd:
     raise ValueError(f"padding {padding!r} does not match {nd} spatial dims")
-  return tuple(out)
+  return out
 
 
 class Conv(nn.Module):
@@ -163,8 +161,8 @@ def _group_mean(t, num_groups):
   """Mean of t (B, voxels, C) over the voxels and each group's channels, per channel (B, 1, C).
 
   Kept channels-last throughout (a reduction along contiguous channel rows, then a fold of each
-  group's channels): XLA:CPU runs this several times faster than one reduction over (voxels, channels in
-  group) of a (B, voxels, groups, channels per group) view.
+  group's channels): XLA:CPU runs this several times faster than one reduction over (voxels,
+  channels in group) of a (B, voxels, groups, channels per group) view.
   """
   b, v, c = t.shape
   return (_fold_groups(t.sum(axis=1), num_groups) / (v * (c // num_groups)))[:, None, :]
@@ -177,22 +175,15 @@ def _fold_groups(per_channel, num_groups):
   return jnp.repeat(per_group, c // num_groups, axis=-1)
 
 
-def _affine(xc, mean, rstd, scale, bias):
-  x_hat = (xc - mean) * rstd
-  return x_hat, x_hat * scale + bias
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm(x, scale, bias, num_groups: int, eps: float, silu: bool):
   """GroupNorm (+ SiLU) in float32, channels last; the output has x's shape, float32."""
-  xc, mean, rstd = _group_stats(x, num_groups, eps)
-  y = _affine(xc, mean, rstd, scale, bias)[1]
-  return (nn.silu(y) if silu else y).reshape(x.shape)
+  return _group_norm_fwd(x, scale, bias, num_groups, eps, silu)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, eps, silu):
   xc, mean, rstd = _group_stats(x, num_groups, eps)
-  y = _affine(xc, mean, rstd, scale, bias)[1]
+  y = (xc - mean) * rstd * scale + bias
   return (nn.silu(y) if silu else y).reshape(x.shape), (x, mean, rstd, scale, bias)
 
 
@@ -451,7 +442,5 @@ def module_kwargs(cls: type, cfg: Any, section: str) -> dict[str, Any]:
     if key not in fields:
       raise ConfigError(f"{section}.{key}: unknown field for {cls.__name__}; "
                         f"known fields: {', '.join(sorted(fields))}")
-    if isinstance(value, list):
-      value = tuple(value)
-    kwargs[key] = value
+    kwargs[key] = tuple(value) if isinstance(value, list) else value
   return kwargs
