@@ -605,9 +605,12 @@ extern "C" __attribute__((visibility("default"))) int64_t BldmOnednnPreparedKern
   return error.failure() ? -1 : static_cast<int64_t>(plan->impl_kernel_bytes);
 }
 
-// Exported although the library is built with hidden visibility: the handlers are its interface.
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnConvolution(
-    XLA_FFI_CallFrame* call_frame);
+// Defines the handler `name`, exported although the library is built with hidden visibility:
+// the handlers are its interface.
+#define BLDM_EXPORTED_HANDLER(name, impl, ...)                                           \
+  extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* name(                 \
+      XLA_FFI_CallFrame* call_frame);                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl, __VA_ARGS__)
 
 // The attributes after which both handlers take a convolution problem's shapes.
 template <typename Binding>
@@ -636,16 +639,13 @@ auto ConvolutionBinding() {
                                .Attr<int64_t>("kernel_ready"));
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnConvolution, Convolution, ConvolutionBinding());
+BLDM_EXPORTED_HANDLER(BldmOnednnConvolution, Convolution, ConvolutionBinding());
 
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnPrepareKernel(
-    XLA_FFI_CallFrame* call_frame);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnPrepareKernel, PrepareKernel,
-                              WithProblemShapes(xla::ffi::Ffi::Bind()
-                                                    .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                                    .Attr<int64_t>("blocked")));
+BLDM_EXPORTED_HANDLER(BldmOnednnPrepareKernel, PrepareKernel,
+                      WithProblemShapes(xla::ffi::Ffi::Bind()
+                                            .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                            .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                            .Attr<int64_t>("blocked")));
 
 // ---- Matrix products: oneDNN's sgemm. ----
 //
@@ -690,17 +690,14 @@ xla::ffi::Error Matmul(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmOnednnMatmul(
-    XLA_FFI_CallFrame* call_frame);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmOnednnMatmul, Matmul,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Attr<int64_t>("trans_a")
-                                  .Attr<int64_t>("trans_b")
-                                  .Attr<int64_t>("contraction"));
+BLDM_EXPORTED_HANDLER(BldmOnednnMatmul, Matmul,
+                      xla::ffi::Ffi::Bind()
+                          .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                          .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                          .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                          .Attr<int64_t>("trans_a")
+                          .Attr<int64_t>("trans_b")
+                          .Attr<int64_t>("contraction"));
 
 // ---- Weight-bound convolutions: the input's tap slices and one sgemm. ----
 //
@@ -1074,17 +1071,9 @@ xla::ffi::Error SgemmConvolution(F32Buffer a, F32Buffer b, xla::ffi::RemainingAr
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmPatchesConvolution(
-    XLA_FFI_CallFrame* call_frame);
+BLDM_EXPORTED_HANDLER(BldmPatchesConvolution, SgemmConvolution<Patches>, ConvolutionBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmPatchesConvolution, SgemmConvolution<Patches>,
-                              ConvolutionBinding());
-
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmUpsampleConvolution(
-    XLA_FFI_CallFrame* call_frame);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmUpsampleConvolution, SgemmConvolution<Upsample>,
-                              ConvolutionBinding());
+BLDM_EXPORTED_HANDLER(BldmUpsampleConvolution, SgemmConvolution<Upsample>, ConvolutionBinding());
 
 // ---- Two tools that are not convolutions, for hand-scheduled backward passes. ----
 //
@@ -1133,21 +1122,15 @@ xla::ffi::Error Materialize(xla::ffi::AnyBuffer x, xla::ffi::Result<xla::ffi::An
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmMaterialize(
-    XLA_FFI_CallFrame* call_frame);
+BLDM_EXPORTED_HANDLER(BldmMaterialize, Materialize,
+                      xla::ffi::Ffi::Bind()
+                          .Arg<xla::ffi::AnyBuffer>()
+                          .Ret<xla::ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmMaterialize, Materialize,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>());
-
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BldmProbe(
-    XLA_FFI_CallFrame* call_frame);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BldmProbe, Probe,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+BLDM_EXPORTED_HANDLER(BldmProbe, Probe,
+                      xla::ffi::Ffi::Bind()
+                          .Arg<xla::ffi::AnyBuffer>()
+                          .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
 
 // Resolves oneDNN's C API from the library at `path` and creates the CPU engine. Returns null on
 // success, otherwise a static error message.
