@@ -153,7 +153,7 @@ def test_cli_unknown_preset_is_one_line():
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   assert result.stderr.strip().splitlines() == [
-      "error: preset='large': allowed one of demo, paper, test (e.g. --config=configs/ldm.py:paper)"]
+      "error: preset='large': allowed one of demo, demo_long, paper, test (e.g. --config=configs/ldm.py:paper)"]
 
 
 def test_cli_bad_field_is_one_line_before_any_work(tmp_path):
