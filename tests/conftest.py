@@ -2,10 +2,23 @@
 
 import importlib
 import os
+import pathlib
 
-import pytest
+# The tests compile far more than they run: XLA:CPU's code generation at LLVM -O0 compiles in
+# about 60% of the time, for slower loops. Set before jax starts; the CLI runs that tests start
+# in subprocesses inherit it (they add their device count with `xla_flags`).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # yours wins
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 
-from brain_ldm_jax.nn import ops
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from brain_ldm_jax.nn import ops  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def xla_flags(devices: int) -> str:
+  """The tests' XLA_FLAGS with `devices` CPU devices, for a subprocess's environment."""
+  return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
 
 # Parity tests compare against the real torch/monai packages. They fail when those are missing;
 # only a developer who sets this variable locally may skip them.
@@ -41,3 +54,18 @@ def subprocess_compilation_cache(tmp_path_factory):
     patch.setenv("JAX_COMPILATION_CACHE_DIR", path)
     patch.setenv("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "1")
     yield path
+
+
+# The modules that take longest start first, so that the workers of `pytest -n` end together
+# (measured with --durations; the order only affects speed). The first two run CLI subprocesses
+# of the tiny training side by side.
+LONGEST_FIRST = ("test_train.py", "test_train_signals.py", "test_train_paths.py",
+                 "test_covariate_response.py", "test_counterfactual.py", "test_nn_networks.py",
+                 "test_generate.py", "test_checkpoint.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Runs the LONGEST_FIRST modules first (pytest-xdist with `--dist loadfile`, pyproject.toml,
+  hands out whole modules, so that their module fixtures, mostly trained runs, are built once)."""
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(pathlib.Path(item.path).name, len(rank)))  # stable

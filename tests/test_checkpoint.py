@@ -36,6 +36,7 @@ from brain_ldm_jax.train import checkpoint as checkpoint_lib
 from brain_ldm_jax.train import ldm as ldm_lib
 from brain_ldm_jax.train import loop
 from random_weights import random_params
+from conftest import xla_flags
 from test_train import AE_ONLY, _command, _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -421,7 +422,7 @@ def test_two_processes_agree_on_the_fallback(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = str(s.getsockname()[1])
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   directory = str(tmp_path / "ldm")
   procs = [subprocess.Popen([sys.executable, __file__, str(i), port, directory], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -134,7 +134,8 @@ def test_library_errors_for_config_values_are_config_errors():
     losses.check_prediction_type("x0")
   with pytest.raises(ConfigError, match="unet.dtype"):
     layers.as_dtype("float9")
-  with pytest.raises(ConfigError, match="preset='large': allowed one of demo, paper, test"):
+  with pytest.raises(ConfigError,
+                     match="preset='large': allowed one of demo, demo_long, paper, test"):
     presets.parse_preset("large")
 
 
@@ -153,7 +154,8 @@ def test_cli_unknown_preset_is_one_line():
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   assert result.stderr.strip().splitlines() == [
-      "error: preset='large': allowed one of demo, demo_long, paper, test (e.g. --config=configs/ldm.py:paper)"]
+      "error: preset='large': allowed one of demo, demo_long, paper, test "
+      "(e.g. --config=configs/ldm.py:paper)"]
 
 
 def test_cli_bad_field_is_one_line_before_any_work(tmp_path):

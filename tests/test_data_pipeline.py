@@ -14,6 +14,7 @@ import pytest
 
 from brain_ldm_jax.data import manifest, nifti, pipeline
 from brain_ldm_jax.errors import ConfigError, DataError
+from conftest import xla_flags
 
 N = 8
 SHAPE = (8, 8, 8)
@@ -217,7 +218,7 @@ def test_sharded_global_arrays_on_two_devices(cohort):
         raise AssertionError("no ConfigError")
       print("OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)

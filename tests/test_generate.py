@@ -36,6 +36,7 @@ from brain_ldm_jax.data import nifti
 from brain_ldm_jax.errors import ConfigError, DataError
 from brain_ldm_jax.jobs import generate as generate_job
 from random_weights import random_params
+from conftest import xla_flags
 from test_train import _free_port, _wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def wanted_tsv(tmp_path_factory):
 
 def _env(devices: int, cache: str) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = cache
   return env

@@ -18,6 +18,7 @@ from brain_ldm_jax.cpu import ffi
 from brain_ldm_jax.cpu import onednn
 from brain_ldm_jax.cpu.thresholds import THRESHOLDS
 from brain_ldm_jax.nn import ops
+from conftest import xla_flags
 
 
 def _conv(x, w, b=None, *, impl, **kw):
@@ -434,7 +435,7 @@ def test_batch_sharded_program_runs_each_devices_examples():
   # the upsampling convolution's and matmul's forward and both gradients, probe, materialize)
   # runs on its device's 2 examples, nothing is gathered, and the kernel and bias gradients are
   # summed across devices: the same numbers as on one device.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", _SHARDED_PROGRAM], env=env, capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
