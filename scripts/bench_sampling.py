@@ -116,6 +116,11 @@ def case_ddim_paper(report, args):
   section, name, spatial = paper_unet(args)
   config = presets.base_config("demo")
   config.unet = section
+  # The section's input and output sizes follow the paper's 3 latent channels: the demo
+  # autoencoder's decide them here.
+  sizes = presets.network_sizes(config.data.covariates, config.autoencoder.latent_channels)
+  for field, size in sizes.items():
+    config.unet[field.split(".")[1]] = size
   factor = 2 ** (len(config.autoencoder.channels) - 1)
   config.data.shape = tuple(factor * s for s in spatial)
   case_ddim(report, args, DemoSampling(config),
