@@ -18,6 +18,7 @@ from brain_ldm_jax.diffusion import samplers
 from brain_ldm_jax.diffusion import schedules
 from brain_ldm_jax.diffusion import timesteps
 from brain_ldm_jax.errors import ConfigError
+from brain_ldm_jax.train import state as state_lib
 
 DTYPES = ("float32", "bfloat16")
 LATENT_MODES = ("mean", "sample")
@@ -267,6 +268,7 @@ def _check_training_loop(config, section: str) -> None:
                "keep_checkpoints"):
     _int_at_least(config, f"{section}.{name}", 1)
   _number_in(config, f"{section}.learning_rate", 0.0, 1e38, open_low=True)
+  _one_of(config, f"{section}.lr_schedule", state_lib.LR_SCHEDULES)
 
 
 def check_train_ae(config) -> None:

@@ -159,6 +159,7 @@ def _train_ae(preset: str) -> ml_collections.ConfigDict:
   # validation brains at SSIM 0.81, 150 at 1e-4 at 0.61 (docs/summary.md).
   t.num_steps = {"paper": 200_000, "demo": 450, "test": 4}[preset]
   t.learning_rate = {"paper": 1e-4, "demo": 1e-3, "test": 1e-4}[preset]
+  t.lr_schedule = "constant"  # or "cosine": decayed to 0 over num_steps
   t.disc_learning_rate = 1e-4
   t.kl_weight = 1e-6
   t.adv_weight = {"paper": 1e-2, "demo": 1e-2, "test": 1e-2}[preset]
@@ -181,6 +182,7 @@ def _train_ldm(preset: str) -> ml_collections.ConfigDict:
   # 1800 (docs/summary.md).
   t.num_steps = {"paper": 200_000, "demo": 1800, "test": 4}[preset]
   t.learning_rate = {"paper": 2.5e-5, "demo": 5e-4, "test": 1e-3}[preset]
+  t.lr_schedule = "constant"  # or "cosine": decayed to 0 over num_steps
   t.weight_decay = 0.0
   t.ema_decay = {"paper": 0.9999, "demo": 0.99, "test": 0.9}[preset]
   t.cond_drop_prob = 0.0  # > 0 trains for classifier-free guidance

@@ -74,6 +74,7 @@ BAD_VALUES = [
     ("train_ae.batch_size", 0, ">= 1"),
     ("train_ae.learning_rate", 0.0, "(0, "),
     ("train_ae.kl_weight", -1e-6, "[0, "),
+    ("train_ae.lr_schedule", "linear", "'cosine'"),
     ("train_ae.perceptual_weights_path", "/nonexistent/resnet_10.pth", "MedicalNet"),
     ("train_ldm.cond_drop_prob", 1.5, "[0, 1]"),
     ("train_ldm.ema_decay", 1.01, "[0, 1]"),

@@ -128,7 +128,7 @@ def build(config, mesh, key, perceptual_fn=None):
   autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
   disc = discriminator_lib.build_discriminator(config.discriminator)
   t = config.train_ae
-  tx = state_lib.adam(t.learning_rate)
+  tx = state_lib.adam(state_lib.learning_rate(t))
   disc_tx = state_lib.adam(t.disc_learning_rate)
   image_shape = (1,) + tuple(config.data.shape) + (config.autoencoder.in_channels,)
 

@@ -106,7 +106,7 @@ def build(config, mesh, key):
   unet = unet_lib.build_unet(config.unet)
   autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
   t = config.train_ldm
-  tx = state_lib.adam(t.learning_rate, t.weight_decay)
+  tx = state_lib.adam(state_lib.learning_rate(t), t.weight_decay)
   schedule = schedules.schedule_from_config(config.diffusion)
   zshape = networks.latent_shape(config)
   n_cov = len(config.data.covariates)

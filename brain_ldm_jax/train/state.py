@@ -36,7 +36,22 @@ def step_key(key_data: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
 
 
-def adam(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(section) -> float | optax.Schedule:
+  """A training section's learning rate: constant, or cosine-decayed to 0 over its num_steps.
+
+  A short run gains from ending at a small rate: the last steps average the gradient noise out
+  instead of jumping around the minimum (docs/summary.md has the demo's numbers).
+  """
+  if section.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(section.learning_rate, section.num_steps)
+  return section.learning_rate
+
+
+def adam(learning_rate: float | optax.Schedule,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
   if weight_decay:
     return optax.adamw(learning_rate, weight_decay=weight_decay)
   return optax.adam(learning_rate)

@@ -1,0 +1,36 @@
+"""The optimizer a training section asks for: its learning-rate schedule."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from brain_ldm_jax.train import state as state_lib
+
+
+def _updates(schedule: str, num_steps: int) -> list[float]:
+  """The size of each of `num_steps` Adam updates under a constant unit gradient."""
+  section = ml_collections.ConfigDict(dict(learning_rate=1e-2, num_steps=num_steps,
+                                           lr_schedule=schedule))
+  tx = state_lib.adam(state_lib.learning_rate(section))
+  params = {"w": jnp.zeros(3)}
+  opt_state = tx.init(params)
+  sizes = []
+  for _ in range(num_steps):
+    updates, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+    sizes.append(float(jnp.abs(updates["w"]).max()))
+  return sizes
+
+
+def test_constant_keeps_the_learning_rate():
+  np.testing.assert_allclose(_updates("constant", 5), 1e-2, rtol=1e-4)
+
+
+def test_cosine_starts_at_the_learning_rate_and_decays_to_zero():
+  sizes = _updates("cosine", 8)
+  assert sizes[0] == pytest.approx(1e-2, rel=1e-4)
+  assert sizes[4] == pytest.approx(0.5e-2, rel=1e-4)  # half-way down the cosine
+  assert all(a > b for a, b in zip(sizes, sizes[1:]))
+  assert sizes[-1] < 0.04e-2
