@@ -42,8 +42,8 @@ LR_SCHEDULES = ("constant", "cosine")
 def learning_rate(section) -> float | optax.Schedule:
   """A training section's learning rate: constant, or cosine-decayed to 0 over its num_steps.
 
-  A short run gains from ending at a small rate: the last steps average the gradient noise out
-  instead of jumping around the minimum (docs/summary.md has the demo's numbers).
+  Every preset trains at a constant rate: decaying the demo LDM's did not make its samples follow
+  their covariates better (docs/summary.md).
   """
   if section.lr_schedule == "cosine":
     return optax.cosine_decay_schedule(section.learning_rate, section.num_steps)
