@@ -277,6 +277,15 @@ def check_train_ae(config) -> None:
   for name in ("kl_weight", "adv_weight", "perceptual_weight"):
     _number_in(config, f"train_ae.{name}", 0.0, 1e38)
   _int_at_least(config, "train_ae.adv_start_step", 0)
+  patch = config.train_ae.get("patch_shape")
+  factor = 2 ** (len(config.autoencoder.channels) - 1)
+  if patch is not None and (
+      not isinstance(patch, (tuple, list)) or len(patch) != 3
+      or not all(_is_int(p) and factor <= p <= n and p % factor == 0
+                 for p, n in zip(patch, config.data.shape))):
+    fail("train_ae.patch_shape", patch,
+         f"unset (whole images) or 3 multiples of {factor} (the autoencoder's downsampling), "
+         f"each at most data.shape={tuple(config.data.shape)}")
   path = config.train_ae.perceptual_weights_path
   if path and not os.path.isfile(path):
     fail("train_ae.perceptual_weights_path", path,

@@ -216,6 +216,16 @@ def test_save_volume_int16_and_mni_code(tmp_path):
   np.testing.assert_allclose(img.get_fdata(), vol, atol=1e-4)
 
 
+@pytest.mark.parametrize("spacing", [1.0, 2.0, 4.0])
+def test_noise_gain_is_what_resampling_leaves_of_white_noise(spacing):
+  noise = np.random.default_rng(0).standard_normal((96, 96, 96)).astype(np.float32)
+  grid = np.diag([spacing, spacing, spacing, 1.0])
+  grid[:3, 3] = 8.0  # away from the edges, where "nearest" padding repeats voxels
+  n = int(80 / spacing)
+  out = nifti.resample_to_grid(noise, np.eye(4), (n, n, n), grid)
+  assert out.std() == pytest.approx(nifti.antialias_noise_gain(spacing), rel=0.1)
+
+
 def test_intensity_scaling_is_robust_to_outliers(tmp_path):
   rng = np.random.default_rng(0)
   data = rng.normal(100, 10, (20, 20, 20)).astype(np.float32)

@@ -27,11 +27,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
 
 # A few steps of each stage, the adversarial loss on from the start (one AE program to compile),
-# a checkpoint per step, a two-level UNet (these tests are about layouts and restarts; a smaller
+# the autoencoder on random crops (so layouts, processes and restarts must all crop alike), a
+# checkpoint per step, a two-level UNet (these tests are about layouts and restarts; a smaller
 # program compiles in half the time).
 BASE_FLAGS = (
     "--config.train_ae.num_steps=3", "--config.train_ae.adv_start_step=0",
     "--config.train_ae.batch_size=4", "--config.train_ae.checkpoint_every=1",
+    "--config.train_ae.patch_shape=(16,16,16)",
     "--config.train_ldm.num_steps=3", "--config.train_ldm.batch_size=4",
     "--config.train_ldm.checkpoint_every=1",
     "--config.stages=('autoencoder','ldm')",

@@ -1,12 +1,15 @@
-"""The optimizer a training section asks for: its learning-rate schedule."""
+"""The optimizer a training section asks for (its learning-rate schedule), and what the
+autoencoder step trains on (random crops)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from brain_ldm_jax.train import autoencoder as autoencoder_train
 from brain_ldm_jax.train import state as state_lib
 
 
@@ -34,3 +37,19 @@ def test_cosine_starts_at_the_learning_rate_and_decays_to_zero():
   assert sizes[4] == pytest.approx(0.5e-2, rel=1e-4)  # half-way down the cosine
   assert all(a > b for a, b in zip(sizes, sizes[1:]))
   assert sizes[-1] < 0.04e-2
+
+
+def test_random_crops_are_blocks_of_each_image_at_random_places():
+  # Each voxel holds its own flat index, so a crop says where it came from.
+  x = jnp.arange(4 * 8 * 10 * 6, dtype=jnp.float32).reshape(4, 8, 10, 6, 1)
+  crops = np.asarray(autoencoder_train.random_crops(jax.random.key(0), x, (4, 4, 2)))
+  assert crops.shape == (4, 4, 4, 2, 1)
+  starts = set()
+  for i, crop in enumerate(crops):
+    start = np.unravel_index(int(crop[0, 0, 0, 0] - x[i, 0, 0, 0, 0]), (8, 10, 6))
+    np.testing.assert_array_equal(
+        crop, np.asarray(x[i, start[0]:start[0] + 4, start[1]:start[1] + 4, start[2]:start[2] + 2]))
+    starts.add(start)
+  assert len(starts) > 1
+  np.testing.assert_array_equal(
+      crops, autoencoder_train.random_crops(jax.random.key(0), x, (4, 4, 2)))

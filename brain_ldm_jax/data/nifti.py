@@ -209,6 +209,18 @@ def antialias_sigma(step: np.ndarray | float) -> np.ndarray:
   return np.maximum(0.0, (np.asarray(step, np.float64) - 1.0) / 2.0)
 
 
+def antialias_noise_gain(step: float) -> float:
+  """How much the anti-aliasing filter before sampling every `step` voxels (on each axis) scales
+  the standard deviation of white noise: the 3D product of each axis's sqrt(sum of taps^2)."""
+  sigma = float(antialias_sigma(step))
+  if sigma == 0.0:
+    return 1.0
+  delta = np.zeros(2 * int(np.ceil(4.0 * sigma)) + 1)  # gaussian_filter's default truncate=4
+  delta[delta.size // 2] = 1.0
+  taps = ndimage.gaussian_filter1d(delta, sigma, mode="constant")
+  return float(np.sum(taps**2)) ** 1.5
+
+
 def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid_shape: Sequence[int],
                      grid_affine: np.ndarray) -> np.ndarray:
   """`data` (voxel-to-world `affine`) sampled linearly at the grid's voxel centres; NaN outside.

@@ -68,11 +68,31 @@ def _discriminate(disc, disc_params, batch_stats, x):
   return outputs[-1].astype(jnp.float32), updates["batch_stats"]
 
 
+def random_crops(key, x, patch_shape):
+  """One crop of `patch_shape` per example of `x` [batch, *spatial, channels], placed at random."""
+  spatial = x.shape[1:-1]
+
+  def crop(k, volume):
+    starts = [jax.random.randint(axis_key, (), 0, n - p + 1)
+              for axis_key, n, p in zip(jax.random.split(k, len(spatial)), spatial, patch_shape)]
+    return jax.lax.dynamic_slice(volume, (*starts, 0), (*patch_shape, volume.shape[-1]))
+
+  return jax.vmap(crop)(jax.random.split(key, x.shape[0]), x)
+
+
 def ae_train_step(state: AEState, batch, *, autoencoder, disc, tx, disc_tx, kl_weight,
-                  adv_weight, perceptual_weight, perceptual_fn: Callable | None, adversarial: bool):
-  """One VAE-GAN step (generator, then discriminator on the detached reconstruction)."""
+                  adv_weight, perceptual_weight, perceptual_fn: Callable | None, adversarial: bool,
+                  patch_shape=None):
+  """One VAE-GAN step (generator, then discriminator on the detached reconstruction).
+
+  With `patch_shape`, both networks see one random crop of each image instead of the whole: the
+  autoencoder is convolutional, so what it learns on crops applies to whole images.
+  """
   x = batch["image"]
   key = state_lib.step_key(state.key, state.step)
+  if patch_shape is not None:
+    crop_key, key = jax.random.split(key)
+    x = random_crops(crop_key, x, tuple(patch_shape))
 
   def generator_loss(params):
     recon, mean, logvar = autoencoder.apply({"params": params}, x, key)
@@ -145,7 +165,8 @@ def build(config, mesh, key, perceptual_fn=None):
   init, shardings, abstract = state_lib.init_sharded(init_fn, mesh, config.mesh.fsdp_min_size)
   common = dict(autoencoder=autoencoder, disc=disc, tx=tx, disc_tx=disc_tx,
                 kl_weight=t.kl_weight, adv_weight=t.adv_weight,
-                perceptual_weight=t.perceptual_weight, perceptual_fn=perceptual_fn)
+                perceptual_weight=t.perceptual_weight, perceptual_fn=perceptual_fn,
+                patch_shape=t.get("patch_shape"))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
