@@ -66,8 +66,9 @@ def _autoencoder(preset: str) -> ml_collections.ConfigDict:
   a.channels = {"paper": (64, 128, 128, 128), "demo": (16, 32, 32), "test": (8, 16)}[preset]
   a.num_res_blocks = {"paper": 2, "demo": 1, "test": 1}[preset]
   a.attention_levels = (False,) * len(a.channels)
-  # The paper's 3 latent channels; the demo's 8 reconstruct its validation brains at SSIM 0.81
-  # instead of 0.76 after the same 450 steps (docs/summary.md), at no measurable cost to the LDM.
+  # The paper's 3 latent channels; the demo's 8 reconstructed its validation brains at SSIM 0.81
+  # instead of 0.76 after the same 450 whole-image steps (the earlier, noisier cohort;
+  # docs/summary.md), at no measurable cost to the LDM; 16 did worse.
   a.latent_channels = {"paper": 3, "demo": 8, "test": 3}[preset]
   a.norm_num_groups = {"paper": 32, "demo": 8, "test": 4}[preset]
   a.norm_eps = 1e-6
@@ -123,7 +124,7 @@ def _diffusion(preset: str) -> ml_collections.ConfigDict:
   f.beta_end = 0.0205
   # The paper's model predicts ε. The demo predicts v: ε's loss barely weights the high-noise
   # steps, where only the covariates can tell the anatomy, so a short run learns to ignore them
-  # (ventricle r 0.10 with ε, 0.54 with v at 900 steps; docs/summary.md).
+  # (ventricle r 0.10 with ε, 0.54 with v at 900 steps, on the earlier cohort; docs/summary.md).
   f.prediction_type = {"paper": "epsilon", "demo": "v_prediction", "test": "epsilon"}[preset]
   f.clip_sample = False
   return f
@@ -184,7 +185,7 @@ def _train_ldm(preset: str) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.batch_size = {"paper": 32, "demo": 6, "test": 2}[preset]
   # The demo's ventricles follow their covariate only late: r 0.56 after 900 steps, 0.80 after
-  # 1800 (docs/summary.md).
+  # 1800, on the earlier cohort (docs/summary.md).
   t.num_steps = {"paper": 200_000, "demo": 1800, "test": 4}[preset]
   t.learning_rate = {"paper": 2.5e-5, "demo": 5e-4, "test": 1e-3}[preset]
   t.lr_schedule = "constant"  # or "cosine": decayed to 0 over num_steps
