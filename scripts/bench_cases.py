@@ -73,6 +73,8 @@ def paper_unet(args):
 def case_ae_step(report, args, config=None, name="autoencoder train step (demo)"):
   """`config`: default the demo preset. Its autoencoder.remat is MONAI's use_checkpoint."""
   config = config or presets.base_config("demo")
+  # Whole images, as MONAI's step below takes them (the demo itself trains on crops).
+  config.train_ae.patch_shape = None
   t = config.train_ae
   mesh = sharding_lib.make_mesh(config.mesh)
   built = ae_stage.build(config, mesh, jax.random.key(0))
