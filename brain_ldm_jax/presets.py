@@ -18,9 +18,9 @@ from brain_ldm_jax.errors import ConfigError
 PRESETS = ("demo", "demo_long", "paper", "test")
 # Presets that are another preset with a longer schedule: (base preset, {dotted field: value}).
 _LONGER = {
-    # About 45 min of training on a 2-core CPU instead of the demo's 16: both stages train ~3x
-    # longer (ventricles r 0.91-0.93 vs 0.72-0.80 over two seeds, README), and the LDM's weight
-    # average spans more steps.
+    # About 40 min of training on a 2-core CPU instead of the demo's 15: both stages train ~3x
+    # longer (ventricles r 0.94, autoencoder SSIM 0.93; README), and the LDM's weight average
+    # spans more steps.
     "demo_long": ("demo", {"train_ae.num_steps": 6000, "train_ae.checkpoint_every": 1000,
                            "train_ldm.num_steps": 4500, "train_ldm.ema_decay": 0.995,
                            "train_ldm.checkpoint_every": 500, "train_ldm.image_every": 1500}),
