@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from brain_ldm_jax import networks
 from brain_ldm_jax import presets
 from brain_ldm_jax.diffusion import losses
 from brain_ldm_jax.diffusion import samplers
@@ -131,7 +132,7 @@ def check_data(config) -> None:
       or len(set(covariates)) != len(covariates)):
     fail("data.covariates", covariates, "a non-empty tuple of distinct participants.tsv columns")
   shape = config.data.shape
-  factor = 2 ** (len(config.autoencoder.channels) - 1)
+  factor = networks.downsampling_factor(config)
   if (not isinstance(shape, (tuple, list)) or len(shape) != 3
       or not all(_is_int(s) and s >= factor and s % factor == 0 for s in shape)):
     fail("data.shape", shape, f"3 positive multiples of {factor} (the autoencoder's "
@@ -278,7 +279,7 @@ def check_train_ae(config) -> None:
     _number_in(config, f"train_ae.{name}", 0.0, 1e38)
   _int_at_least(config, "train_ae.adv_start_step", 0)
   patch = config.train_ae.get("patch_shape")
-  factor = 2 ** (len(config.autoencoder.channels) - 1)
+  factor = networks.downsampling_factor(config)
   if patch is not None and (
       not isinstance(patch, (tuple, list)) or len(patch) != 3
       or not all(_is_int(p) and factor <= p <= n and p % factor == 0

@@ -14,9 +14,14 @@ from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 from brain_ldm_jax.nn import unet as unet_lib
 
 
+def downsampling_factor(config) -> int:
+  """How many image voxels per latent voxel along each axis: one halving per extra level."""
+  return 2 ** (len(config.autoencoder.channels) - 1)
+
+
 def latent_shape(config) -> tuple[int, ...]:
   """(X, Y, Z, C) of a latent: the image shape over the autoencoder's downsampling."""
-  factor = 2 ** (len(config.autoencoder.channels) - 1)
+  factor = downsampling_factor(config)
   shape = tuple(config.data.shape)
   if any(s % factor for s in shape):
     raise ConfigError(f"data.shape={shape} must be divisible by the autoencoder's downsampling "

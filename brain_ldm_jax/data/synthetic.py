@@ -95,8 +95,8 @@ def load_template(spacing: float) -> Template:
   labels = np.where(brain, LABEL_CSF, LABEL_BACKGROUND).astype(np.uint8)
   labels[brain & tissue] = np.where(gm >= wm, LABEL_GM, LABEL_WM)[brain & tissue]
   labels[vent] = LABEL_VENTRICLE
-  # Anti-aliasing for coarser targets (nifti.antialias_sigma); labels are sampled nearest.
-  sigma = max(0.0, (spacing - 1.0) / 2)
+  # Anti-aliasing for coarser targets, as the loader filters; labels are sampled nearest.
+  sigma = float(nifti.antialias_sigma(spacing))
   if sigma > 0:
     t1 = ndimage.gaussian_filter(t1, sigma)
   vent_potential = ndimage.gaussian_filter(vent.astype(np.float32), 3.0)
@@ -249,7 +249,7 @@ def _rician_mean(signal: np.ndarray, noise_std: float) -> np.ndarray:
 
 def _scanner_noise(t1: np.ndarray, noise_std_1mm: float, rng: np.random.Generator,
                    spacing: float) -> np.ndarray:
-  """`t1` with the Rician noise of a 1 mm scan as the loader makes it at `spacing`.
+  """`t1` (non-negative) with the Rician noise of a 1 mm scan as the loader makes it at `spacing`.
 
   A scan is acquired at ~1 mm and `nifti.load_volume` low-passes it before sampling a coarser
   grid, which keeps the magnitude noise's mean (the bright floor of the background) and shrinks
@@ -261,7 +261,7 @@ def _scanner_noise(t1: np.ndarray, noise_std_1mm: float, rng: np.random.Generato
   gain = nifti.antialias_noise_gain(spacing)
   if gain == 1.0:
     return noisy
-  mean = _rician_mean(np.clip(t1, 0.0, None), noise_std_1mm)
+  mean = _rician_mean(t1, noise_std_1mm)
   return mean + np.float32(gain) * (noisy - mean)
 
 
