@@ -270,6 +270,7 @@ def _check_training_loop(config, section: str) -> None:
     _int_at_least(config, f"{section}.{name}", 1)
   _number_in(config, f"{section}.learning_rate", 0.0, 1e38, open_low=True)
   _one_of(config, f"{section}.lr_schedule", state_lib.LR_SCHEDULES)
+  _number_in(config, f"{section}.lr_decay_fraction", 0.0, 1.0, open_low=True)
 
 
 def check_train_ae(config) -> None:

@@ -75,6 +75,7 @@ BAD_VALUES = [
     ("train_ae.learning_rate", 0.0, "(0, "),
     ("train_ae.kl_weight", -1e-6, "[0, "),
     ("train_ae.lr_schedule", "linear", "'cosine'"),
+    ("train_ae.lr_decay_fraction", 0.0, "(0, 1]"),
     ("train_ae.patch_shape", (16, 16, 15), "multiples of 2"),
     ("train_ae.patch_shape", (16, 16), "multiples of 2"),
     ("train_ae.patch_shape", (16, 16, 34), "at most data.shape"),

@@ -13,10 +13,10 @@ from brain_ldm_jax.train import autoencoder as autoencoder_train
 from brain_ldm_jax.train import state as state_lib
 
 
-def _updates(schedule: str, num_steps: int) -> list[float]:
+def _updates(schedule: str, num_steps: int, decay_fraction: float = 1.0) -> list[float]:
   """The size of each of `num_steps` Adam updates under a constant unit gradient."""
   section = ml_collections.ConfigDict(dict(learning_rate=1e-2, num_steps=num_steps,
-                                           lr_schedule=schedule))
+                                           lr_schedule=schedule, lr_decay_fraction=decay_fraction))
   tx = state_lib.adam(state_lib.learning_rate(section))
   params = {"w": jnp.zeros(3)}
   opt_state = tx.init(params)
@@ -37,6 +37,21 @@ def test_cosine_starts_at_the_learning_rate_and_decays_to_zero():
   assert sizes[4] == pytest.approx(0.5e-2, rel=1e-4)  # half-way down the cosine
   assert all(a > b for a, b in zip(sizes, sizes[1:]))
   assert sizes[-1] < 0.04e-2
+
+
+def test_late_cosine_holds_the_rate_then_decays_over_the_last_fraction():
+  sizes = _updates("cosine", 16, decay_fraction=0.25)
+  np.testing.assert_allclose(sizes[:13], 1e-2, rtol=1e-4)  # 12 constant steps, the cosine's first
+  assert sizes[14] == pytest.approx(0.5e-2, rel=1e-4)  # half-way down the 4-step cosine
+  assert sizes[13] > sizes[14] > sizes[15]
+
+
+@pytest.mark.parametrize("adv_weight, start, adversarial_steps", [
+    (1e-2, 0, [1, 2, 3]), (1e-2, 2, [3]), (0.0, 0, [])])
+def test_the_discriminator_trains_after_its_warm_up_and_never_at_zero_weight(
+    adv_weight, start, adversarial_steps):
+  train_ae = ml_collections.ConfigDict(dict(adv_weight=adv_weight, adv_start_step=start))
+  assert [s for s in (1, 2, 3) if autoencoder_train.is_adversarial(train_ae, s)] == adversarial_steps
 
 
 def test_random_crops_are_blocks_of_each_image_at_random_places():

@@ -3,7 +3,8 @@
 Generator loss: L1 reconstruction + kl_weight · KL + adv_weight · least-squares adversarial (after
 `adv_start_step`) + perceptual_weight · perceptual (only when the user gives pretrained feature
 weights). The patch discriminator is trained on the same step with the least-squares loss. Before
-the adversarial warm-up ends, a smaller program without the discriminator runs.
+the adversarial warm-up ends, and throughout when adv_weight is 0, a smaller program without the
+discriminator runs.
 """
 
 # No `from __future__ import annotations`: clu reads the metric annotations at runtime.
@@ -143,6 +144,11 @@ def reconstruct(autoencoder, params, images):
   return autoencoder.apply({"params": params}, mean, method="decode")
 
 
+def is_adversarial(train_ae, step_number: int) -> bool:
+  """Whether step `step_number` (counted from 1) trains with the discriminator."""
+  return train_ae.adv_weight > 0 and step_number > train_ae.adv_start_step
+
+
 def build(config, mesh, key, perceptual_fn=None):
   """Networks, sharded init, and the two jitted steps (before / after the adversarial warm-up)."""
   autoencoder = autoencoder_lib.build_autoencoder(config.autoencoder)
@@ -178,8 +184,7 @@ def build(config, mesh, key, perceptual_fn=None):
   warmup_step, adversarial_step = jit_step(False), jit_step(True)
 
   def step(state, batch, step_number):
-    # step_number counts from 1; the adversarial loss starts after adv_start_step steps.
-    return (adversarial_step if step_number > t.adv_start_step else warmup_step)(state, batch)
+    return (adversarial_step if is_adversarial(t, step_number) else warmup_step)(state, batch)
 
   return dict(autoencoder=autoencoder, disc=disc, init=init, abstract=abstract, step=step,
               warmup_step=warmup_step, adversarial_step=adversarial_step)
