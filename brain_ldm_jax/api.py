@@ -144,7 +144,7 @@ def images_fn(run: Run, *, sampler: str, num_steps: int, eta: float, guidance_sc
     keys = sample_keys(key, ids)
     z = latents(params["unet"], keys, cond) / scale_factor
     images = autoencoder.apply({"params": params["autoencoder"]}, z, method="decode")
-    return jnp.clip(images[..., 0], 0.0, 1.0)
+    return networks.as_image(images[..., 0])
 
   if not per_sample:
     return batch

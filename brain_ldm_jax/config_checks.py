@@ -270,7 +270,8 @@ def _check_training_loop(config, section: str) -> None:
     _int_at_least(config, f"{section}.{name}", 1)
   _number_in(config, f"{section}.learning_rate", 0.0, 1e38, open_low=True)
   _one_of(config, f"{section}.lr_schedule", state_lib.LR_SCHEDULES)
-  _number_in(config, f"{section}.lr_decay_fraction", 0.0, 1.0, open_low=True)
+  if "lr_decay_fraction" in config[section]:  # runs made before it existed lack it
+    _number_in(config, f"{section}.lr_decay_fraction", 0.0, 1.0, open_low=True)
 
 
 def check_train_ae(config) -> None:
@@ -279,6 +280,8 @@ def check_train_ae(config) -> None:
   for name in ("kl_weight", "adv_weight", "perceptual_weight"):
     _number_in(config, f"train_ae.{name}", 0.0, 1e38)
   _int_at_least(config, "train_ae.adv_start_step", 0)
+  if "clip_reconstruction" in config.train_ae:
+    _is_bool(config, "train_ae.clip_reconstruction")
   patch = config.train_ae.get("patch_shape")
   factor = networks.downsampling_factor(config)
   if patch is not None and (

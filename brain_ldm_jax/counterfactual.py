@@ -42,6 +42,7 @@ import numpy as np
 from brain_ldm_jax import api
 from brain_ldm_jax import charts
 from brain_ldm_jax import generate
+from brain_ldm_jax import networks
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.diffusion import guidance
 from brain_ldm_jax.diffusion import inversion
@@ -101,8 +102,8 @@ def counterfactual_fn(run: api.Run, *, num_steps: int, guidance_scale: float, st
     ae = {"params": params["autoencoder"]}
     mean, _ = autoencoder.apply(ae, image[..., None], method="encode")
     z0 = mean * scale_factor
-    decode = lambda z: jnp.clip(
-        autoencoder.apply(ae, z / scale_factor, method="decode")[..., 0], 0.0, 1.0)
+    decode = lambda z: networks.as_image(
+        autoencoder.apply(ae, z / scale_factor, method="decode")[..., 0])
 
     def denoiser(cond):
       def with_cond(x, t, c):

@@ -14,6 +14,15 @@ from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 from brain_ldm_jax.nn import unet as unet_lib
 
 
+def as_image(decoded: jax.Array) -> jax.Array:
+  """The image a decoder output stands for: its intensities clipped to the data's [0, 1] range.
+
+  Every consumer of the decoder sees this, so a decoder may put anything at or below 0 where the
+  image is 0 (the demo's autoencoder trains its L1 on it: train_ae.clip_reconstruction).
+  """
+  return jnp.clip(decoded, 0.0, 1.0)
+
+
 def downsampling_factor(config) -> int:
   """How many image voxels per latent voxel along each axis: one halving per extra level."""
   return 2 ** (len(config.autoencoder.channels) - 1)

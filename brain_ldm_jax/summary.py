@@ -37,6 +37,7 @@ from brain_ldm_jax import covariates
 from brain_ldm_jax import evaluate
 from brain_ldm_jax import figures
 from brain_ldm_jax import files
+from brain_ldm_jax import networks
 from brain_ldm_jax import sampling as sampling_lib
 from brain_ldm_jax.data import manifest
 from brain_ldm_jax.data import nifti
@@ -74,7 +75,7 @@ def reconstruction_ssim(run: api.Run, volumes: np.ndarray) -> float:
   @jax.jit
   def ssim_of_reconstruction(params, x):
     mean, _ = autoencoder.apply({"params": params}, x[..., None], method="encode")
-    recon = jnp.clip(autoencoder.apply({"params": params}, mean, method="decode"), 0.0, 1.0)
+    recon = networks.as_image(autoencoder.apply({"params": params}, mean, method="decode"))
     return ssim_lib.ssim(x, recon[..., 0], spatial_dims=3)
 
   scores = [np.asarray(ssim_of_reconstruction(run.params["autoencoder"], jnp.asarray(v[None])))

@@ -33,7 +33,7 @@ TIMEOUT = 600
 BASE_FLAGS = (
     "--config.train_ae.num_steps=3", "--config.train_ae.adv_start_step=0",
     "--config.train_ae.batch_size=4", "--config.train_ae.checkpoint_every=1",
-    "--config.train_ae.patch_shape=(16,16,16)",
+    "--config.train_ae.patch_shape=(16,16,16)", "--config.train_ae.clip_reconstruction=true",
     "--config.train_ldm.num_steps=3", "--config.train_ldm.batch_size=4",
     "--config.train_ldm.checkpoint_every=1",
     "--config.stages=('autoencoder','ldm')",

@@ -4,7 +4,8 @@ Generator loss: L1 reconstruction + kl_weight · KL + adv_weight · least-square
 `adv_start_step`) + perceptual_weight · perceptual (only when the user gives pretrained feature
 weights). The patch discriminator is trained on the same step with the least-squares loss. Before
 the adversarial warm-up ends, and throughout when adv_weight is 0, a smaller program without the
-discriminator runs.
+discriminator runs. With `clip_reconstruction` the losses judge the reconstruction as the image it
+stands for (`networks.as_image`), so that where the image is 0 any output at or below 0 is exact.
 """
 
 # No `from __future__ import annotations`: clu reads the metric annotations at runtime.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics as clu_metrics
 
+from brain_ldm_jax import networks
 from brain_ldm_jax import sharding as sharding_lib
 from brain_ldm_jax.nn import autoencoder as autoencoder_lib
 from brain_ldm_jax.nn import discriminator as discriminator_lib
@@ -83,7 +85,7 @@ def random_crops(key, x, patch_shape):
 
 def ae_train_step(state: AEState, batch, *, autoencoder, disc, tx, disc_tx, kl_weight,
                   adv_weight, perceptual_weight, perceptual_fn: Callable | None, adversarial: bool,
-                  patch_shape=None):
+                  patch_shape=None, clip_reconstruction=False):
   """One VAE-GAN step (generator, then discriminator on the detached reconstruction).
 
   With `patch_shape`, both networks see one random crop of each image instead of the whole: the
@@ -98,6 +100,8 @@ def ae_train_step(state: AEState, batch, *, autoencoder, disc, tx, disc_tx, kl_w
   def generator_loss(params):
     recon, mean, logvar = autoencoder.apply({"params": params}, x, key)
     recon = recon.astype(jnp.float32)
+    if clip_reconstruction:  # every loss judges the image the output stands for
+      recon = networks.as_image(recon)
     l1 = jnp.mean(jnp.abs(recon - x))
     kl = kl_divergence(mean.astype(jnp.float32), logvar.astype(jnp.float32))
     loss = l1 + kl_weight * kl
@@ -141,7 +145,7 @@ def ae_train_step(state: AEState, batch, *, autoencoder, disc, tx, disc_tx, kl_w
 def reconstruct(autoencoder, params, images):
   """Deterministic reconstruction through the posterior mean (for image summaries)."""
   mean, _ = autoencoder.apply({"params": params}, images, method="encode")
-  return autoencoder.apply({"params": params}, mean, method="decode")
+  return networks.as_image(autoencoder.apply({"params": params}, mean, method="decode"))
 
 
 def is_adversarial(train_ae, step_number: int) -> bool:
@@ -172,7 +176,8 @@ def build(config, mesh, key, perceptual_fn=None):
   common = dict(autoencoder=autoencoder, disc=disc, tx=tx, disc_tx=disc_tx,
                 kl_weight=t.kl_weight, adv_weight=t.adv_weight,
                 perceptual_weight=t.perceptual_weight, perceptual_fn=perceptual_fn,
-                patch_shape=t.get("patch_shape"))
+                patch_shape=t.get("patch_shape"),
+                clip_reconstruction=t.get("clip_reconstruction", False))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
