@@ -163,13 +163,13 @@ def _train_ae(preset: str) -> ml_collections.ConfigDict:
   t.batch_size = {"paper": 8, "demo": 2, "test": 2}[preset]  # global
   # The demo's autoencoder bounds every sample's sharpness. On 24x32x24 crops (below) a step costs
   # a fifth of a whole 40x56x40 image's; 2,400 of them, the last quarter at a cosine-decaying
-  # rate, reconstruct the validation brains at SSIM 0.89-0.91 in the time 450 whole-image steps
-  # reach 0.84 (docs/summary.md).
+  # rate, reconstruct the validation brains at SSIM 0.92 (seeds 0 and 1) in about the time 450
+  # whole-image steps reach 0.84 (docs/summary.md).
   t.num_steps = {"paper": 200_000, "demo": 2400, "test": 4}[preset]
   t.learning_rate = {"paper": 1e-4, "demo": 1e-3, "test": 1e-4}[preset]
   # "cosine": decayed to 0 over the last lr_decay_fraction of num_steps. The demo's decay settles
-  # the background level, which a constant rate leaves wandering by +-0.02 from seed to seed,
-  # and SSIM on the near-zero background punishes any positive offset (docs/summary.md).
+  # what a constant rate leaves wandering, the brain's detail and the background's level
+  # (docs/summary.md).
   t.lr_schedule = {"paper": "constant", "demo": "cosine", "test": "constant"}[preset]
   t.lr_decay_fraction = {"paper": 1.0, "demo": 0.25, "test": 1.0}[preset]
   # Unset: whole images; a shape trains both networks on one random crop of each image.
@@ -177,7 +177,8 @@ def _train_ae(preset: str) -> ml_collections.ConfigDict:
                    "test": config_dict.placeholder(tuple)}[preset]
   # L1 of the clipped reconstruction, the image every consumer sees; the paper's (MONAI's) L1 is of
   # the raw decoder output. Clipped, the demo's background costs nothing at or below 0, and its
-  # seed-1 autoencoder reads SSIM 0.92 instead of 0.89 (docs/summary.md).
+  # seed-1 autoencoder reads SSIM 0.92 instead of 0.89 (SSIM punishes any positive offset on the
+  # near-zero background; docs/summary.md).
   t.clip_reconstruction = {"paper": False, "demo": True, "test": False}[preset]
   t.disc_learning_rate = 1e-4
   t.kl_weight = 1e-6

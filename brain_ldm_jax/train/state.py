@@ -43,8 +43,9 @@ def learning_rate(section) -> float | optax.Schedule:
   """A training section's learning rate: constant, or cosine-decayed to 0 over the last
   `lr_decay_fraction` of its num_steps (constant before; 1.0 decays over the whole run).
 
-  A late decay is what settles a parameter that a constant rate leaves wandering: the demo
-  autoencoder's background level (docs/summary.md).
+  The demo's autoencoder decays over its last quarter, which settles what a constant rate leaves
+  wandering; the LDMs keep a constant rate, as decaying the demo LDM's did not make its samples
+  follow their covariates better (docs/summary.md).
   """
   if section.lr_schedule != "cosine":
     return section.learning_rate
